@@ -1,0 +1,353 @@
+"""A real strongSwan gateway and peer in two network namespaces.
+
+Used by the test suite (and meant for the benchmark and the demo): each host is
+a network namespace joined to the other by a veth pair, runs its own starter
+and charon in a private mount namespace (its own /run, its own /etc/ipsec.conf,
+ipsec.secrets and strongswan.conf bind-mounted from a temporary directory), and
+uses charon's userspace ESP (kernel-libipsec) because the kernel has no ESP.
+
+Needs root, iproute2, util-linux and Debian's strongSwan packages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STARTER = "/usr/lib/ipsec/starter"
+
+STRONGSWAN_CONF = """\
+charon {{
+  load_modular = yes
+  plugins {{
+    include strongswan.d/charon/*.conf
+    kernel-libipsec {{
+      load = yes
+    }}
+  }}
+  filelog {{
+    lab {{
+      path = {log}
+      default = 1
+      ike = 2
+      cfg = 2
+    }}
+  }}
+}}
+include strongswan.d/*.conf
+"""
+
+PSK = "ipsec-textfile-lab-psk"
+
+
+def missing_tools() -> list[str]:
+    """What this machine lacks to run a lab (empty when it can)."""
+    missing = [t for t in ("ip", "unshare", "nsenter", "ipsec") if not shutil.which(t)]
+    if not os.path.exists(STARTER):
+        missing.append(STARTER)
+    if os.geteuid() != 0:
+        missing.append("root")
+    return missing
+
+
+def run(args: list[str], timeout: float = 10, check: bool = True) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{args!r} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+@dataclass
+class Host:
+    """One IKE daemon in its own network and mount namespace."""
+
+    netns: str
+    address: str
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "charon.log"
+
+    @property
+    def ipsec_wrapper(self) -> Path:
+        """An executable that runs `ipsec ARGS` against this host's daemon."""
+        return self.workdir / "ipsec"
+
+    def write_config(
+        self, ipsec_conf: str, local_addresses: list[str], ipsec_d: dict[str, str] | None = None
+    ) -> None:
+        """Config files for /etc/ipsec.conf, /etc/ipsec.d/NAME, secrets and strongswan.conf."""
+        (self.workdir / "ipsec.d").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "ipsec.conf").write_text(ipsec_conf)
+        for name, text in (ipsec_d or {}).items():
+            (self.workdir / "ipsec.d" / name).write_text(text)
+        secrets = self.workdir / "ipsec.secrets"
+        secrets.write_text(f': PSK "{PSK}"\n')
+        secrets.chmod(0o600)
+        (self.workdir / "strongswan.conf").write_text(STRONGSWAN_CONF.format(log=self.log))
+        # Every local traffic selector needs a local address inside it.
+        for addr in local_addresses:
+            run(["ip", "-n", self.netns, "addr", "add", addr, "dev", "lo"])
+
+    def start(self) -> None:
+        binds = " && ".join(
+            f"mount --bind {self.workdir / name} /etc/{name}"
+            for name in ("ipsec.conf", "ipsec.secrets", "strongswan.conf", "ipsec.d")
+        )
+        script = f"mount -t tmpfs none /run && {binds} && exec ipsec start --nofork"
+        self.process = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns,
+             "unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        wait_for(lambda: self._socket_ready(), 15, f"charon in {self.netns} to start")
+        self.ipsec_wrapper.write_text(
+            "#!/bin/sh\n"
+            f"exec nsenter -t {self.process.pid} -m -n ipsec \"$@\"\n"
+        )
+        self.ipsec_wrapper.chmod(0o755)
+
+    def _socket_ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"starter in {self.netns} exited; see {self.log}")
+        if os.readlink(f"/proc/{self.process.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+            return False
+        probe = subprocess.run(
+            ["nsenter", "-t", str(self.process.pid), "-m", "-n", "test", "-S", "/run/charon.ctl"],
+            capture_output=True, timeout=5, check=False,
+        )
+        return probe.returncode == 0
+
+    def ipsec(self, *args: str, timeout: float = 10) -> str:
+        return run([str(self.ipsec_wrapper), *args], timeout=timeout, check=False)
+
+    def nsenter(self) -> list[str]:
+        """Command prefix that runs a command on this host, as if on the gateway itself."""
+        assert self.process is not None
+        return ["nsenter", "-t", str(self.process.pid), "-m", "-n"]
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        # Only the process group this lab started; starter stops its charon.
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Lab:
+    """A gateway and its peer, joined by a veth pair (10.99.0.1 <-> 10.99.0.2)."""
+
+    workdir: Path
+    tag: str = field(default_factory=lambda: f"itf{os.getpid()}")
+    gateway: Host = field(init=False)
+    peer: Host = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gateway = Host(f"{self.tag}-gw", "10.99.0.1", self.workdir / "gw")
+        self.peer = Host(f"{self.tag}-peer", "10.99.0.2", self.workdir / "peer")
+
+    def create_network(self) -> None:
+        for host in (self.gateway, self.peer):
+            run(["ip", "netns", "add", host.netns])
+            run(["ip", "-n", host.netns, "link", "set", "lo", "up"])
+        run(["ip", "link", "add", f"{self.tag}a", "netns", self.gateway.netns,
+             "type", "veth", "peer", "name", f"{self.tag}b", "netns", self.peer.netns])
+        for host, dev in ((self.gateway, f"{self.tag}a"), (self.peer, f"{self.tag}b")):
+            run(["ip", "-n", host.netns, "addr", "add", f"{host.address}/24", "dev", dev])
+            run(["ip", "-n", host.netns, "link", "set", dev, "up"])
+
+    def start(self) -> None:
+        # The peer first: a gateway that starts early fails authentication.
+        self.peer.start()
+        self.gateway.start()
+
+    def destroy(self) -> None:
+        for host in (self.gateway, self.peer):
+            host.stop()
+            run(["ip", "netns", "del", host.netns], check=False)
+
+
+def wait_for_status(host: Host, predicate: Callable[[str], bool], timeout: float, what: str) -> str:
+    """Poll the daemon's own `ipsec statusall` until predicate(output) holds."""
+    output = ""
+
+    def check() -> bool:
+        nonlocal output
+        output = host.ipsec("statusall")
+        return predicate(output)
+
+    wait_for(check, timeout, what)
+    return output
+
+
+# The gateway config that produces every ipsec_status value, and what each tunnel
+# must report once the lab has settled.
+STATES_GATEWAY_CONF = """\
+# ipsec.conf of the lab gateway: one tunnel for each state the collector reports
+config setup
+    uniqueids = no
+
+conn %default
+    keyexchange=ikev2
+    authby=secret
+    left=10.99.0.1
+    right=10.99.0.2
+    leftid=gw
+    rightid=peer
+    keyingtries=%forever
+
+# up, and host of every child below that shares its IKE settings
+conn up
+    leftsubnet=10.1.1.0/24
+    rightsubnet=10.2.1.0/24
+    auto=start
+
+# a CHILD SA under the IKE SA named up[N]
+conn site
+    leftsubnet=10.1.2.0/24
+    rightsubnet=10.2.2.0/24
+    auto=start
+
+# prefix neighbour of site: loaded, never started
+conn sit
+    leftsubnet=10.1.3.0/24
+    rightsubnet=10.2.3.0/24
+    auto=add
+
+conn "a.b_c-d"
+    leftsubnet=10.1.4.0/24
+    rightsubnet=10.2.4.0/24
+    auto=start
+
+include /etc/ipsec.d/*.conf
+
+# a template: no auto, so strongSwan ignores it
+conn template
+    leftsubnet=10.1.5.0/24
+    rightsubnet=10.2.5.0/24
+
+conn alsoconn
+    also=template
+    auto=start
+
+# the peer accepts this identity but no CHILD SA for it
+conn ike
+    leftid=gw-ike
+    leftsubnet=10.1.7.0/24
+    rightsubnet=10.3.7.0/24
+    auto=start
+
+conn ike-only
+    leftid=gw-ike
+    leftsubnet=10.1.8.0/24
+    rightsubnet=10.3.8.0/24
+    auto=add
+
+# nobody answers at 10.99.0.3
+conn connecting
+    right=10.99.0.3
+    leftsubnet=10.1.9.0/24
+    rightsubnet=10.2.9.0/24
+    auto=start
+
+conn routed
+    leftsubnet=10.1.10.0/24
+    rightsubnet=10.2.10.0/24
+    auto=route
+
+conn ignored
+    leftsubnet=10.1.11.0/24
+    rightsubnet=10.2.11.0/24
+    auto=ignore
+
+conn passthrough
+    leftsubnet=10.1.12.0/24
+    rightsubnet=10.2.12.0/24
+    type=passthrough
+    auto=route
+"""
+
+STATES_INCLUDED_CONF = """\
+conn included
+    leftsubnet=10.1.6.0/24
+    rightsubnet=10.2.6.0/24
+    auto=start
+"""
+
+STATES_PEER_CONF = """\
+conn %default
+    keyexchange=ikev2
+    authby=secret
+    left=10.99.0.2
+    right=10.99.0.1
+    leftid=peer
+
+# one wide responder conn; charon narrows it to each proposed pair
+conn gw
+    rightid=gw
+    leftsubnet=10.2.0.0/16
+    rightsubnet=10.1.0.0/16
+    auto=add
+
+# authenticates gw-ike but refuses every CHILD SA it proposes
+conn gw-ike
+    rightid=gw-ike
+    leftsubnet=10.4.0.0/16
+    rightsubnet=10.5.0.0/16
+    auto=add
+"""
+
+STATES_EXPECTED = {
+    "up": 0, "site": 0, "a.b_c-d": 0, "included": 0, "alsoconn": 0,
+    "ike": 1,
+    "sit": 2, "ike-only": 2, "routed": 2,
+    "connecting": 3,
+    "ignored": 4, "template": 4, "passthrough": 4,
+}
+
+
+def states_settled(statusall: str) -> bool:
+    """Every tunnel that will come up has, and the rest have had their chance."""
+    installed = statusall.count(":  INSTALLED, TUNNEL")
+    return installed >= 5 and "ike[" in statusall and "ESTABLISHED" in statusall
+
+
+def start_states_lab(workdir: Path) -> Lab:
+    """Bring up the lab whose gateway shows every ipsec_status value."""
+    lab = Lab(workdir)
+    lab.create_network()
+    try:
+        lab.gateway.write_config(
+            STATES_GATEWAY_CONF,
+            [f"10.1.{n}.1/32" for n in range(1, 13)],
+            {"included.conf": STATES_INCLUDED_CONF},
+        )
+        lab.peer.write_config(STATES_PEER_CONF, [f"10.2.{n}.1/32" for n in range(1, 13)])
+        lab.start()
+        wait_for_status(lab.gateway, states_settled, 30, "the states lab to settle")
+    except BaseException:
+        lab.destroy()
+        raise
+    return lab

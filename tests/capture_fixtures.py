@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import lab  # noqa: E402
+import lab
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ FIXTURES = TESTS / "fixtures"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(TESTS))
 
-import lab  # noqa: E402
+import lab
 
 
 def require(missing: list[str], what: str) -> None:

@@ -1,0 +1,158 @@
+"""The script as cron runs it: exit status, stderr, and the file node_exporter reads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, require, run_collector
+from filelock import FileLock
+from promfile import by_tunnel, value
+
+STATUSALL = FIXTURES / "stroke-states" / "statusall.txt"
+CONF = """\
+conn %default
+    auto=add
+conn site
+conn sit
+conn ike
+conn connecting
+conn "a.b_c-d"
+conn ignored
+    auto=ignore
+"""
+EXPECTED = {"site": 0, "sit": 2, "ike": 1, "connecting": 3, "a.b_c-d": 0, "ignored": 4}
+
+
+@pytest.fixture
+def conf(tmp_path: Path) -> Path:
+    path = tmp_path / "ipsec.conf"
+    path.write_text(CONF)
+    return path
+
+
+def replay(conf: Path, output: str, *more: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return run_collector("--config", str(conf), "--status-file", str(STATUSALL),
+                         "--output", output, *more, **kwargs)  # type: ignore[arg-type]
+
+
+def test_replay_writes_every_tunnel_and_success(conf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ipsec.prom"
+    proc = replay(conf, str(out))
+    assert (proc.returncode, proc.stderr) == (0, "")
+    text = out.read_text()
+    assert by_tunnel(text, "ipsec_status") == EXPECTED
+    assert value(text, "ipsec_textfile_success") == 1
+    assert value(text, "ipsec_textfile_duration_seconds") > 0
+    assert abs(value(text, "ipsec_textfile_last_run_timestamp_seconds") - os.path.getmtime(out)) < 60
+
+
+def test_output_dash_prints_the_exposition(conf: Path) -> None:
+    proc = replay(conf, "-")
+    assert proc.returncode == 0
+    assert by_tunnel(proc.stdout, "ipsec_status") == EXPECTED
+    assert "# HELP ipsec_status " in proc.stdout and "# TYPE ipsec_status gauge" in proc.stdout
+
+
+def test_file_is_world_readable_under_umask_077_and_no_temp_file_left(conf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "textfile" / "ipsec.prom"
+    out.parent.mkdir()
+    proc = replay(conf, str(out), umask=0o077)
+    assert proc.returncode == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ipsec.prom", "ipsec.prom.lock"]
+
+
+def test_a_run_that_cannot_get_the_lock_leaves_the_file_alone(conf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ipsec.prom"
+    out.write_text("previous\n")
+    with FileLock(str(out) + ".lock"):
+        proc = replay(conf, str(out), "--lock-timeout", "0.5")
+    assert proc.returncode == 3
+    assert f"{out}.lock" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert out.read_text() == "previous\n"
+
+
+def test_bad_config_replaces_the_file_with_a_failed_run(tmp_path: Path) -> None:
+    out = tmp_path / "ipsec.prom"
+    good = tmp_path / "good.conf"
+    good.write_text(CONF)
+    assert replay(good, str(out)).returncode == 0
+    bad = tmp_path / "bad.conf"
+    bad.write_text("conn a\nauto=add\n")
+    proc = replay(bad, str(out))
+    assert proc.returncode == 1
+    assert proc.stderr == f"ipsec-textfile: error: {bad}:2: syntax error, unexpected STRING\n"
+    text = out.read_text()
+    assert value(text, "ipsec_textfile_success") == 0
+    assert by_tunnel(text, "ipsec_status") == {}  # nothing stale left claiming health
+
+
+def test_daemon_that_cannot_be_asked_reports_no_tunnel_up(conf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ipsec.prom"
+    proc = run_collector("--config", str(conf), "--ipsec", str(tmp_path / "no-such-ipsec"),
+                         "--output", str(out))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("ipsec-textfile: error: command not found: ")
+    assert len(proc.stderr.splitlines()) == 1
+    text = out.read_text()
+    assert value(text, "ipsec_textfile_success") == 0
+    assert by_tunnel(text, "ipsec_status") == {
+        name: (4 if code == 4 else 3) for name, code in EXPECTED.items()}
+
+
+def test_daemon_that_does_not_answer_in_time(conf: Path, tmp_path: Path) -> None:
+    slow = tmp_path / "slow-ipsec"
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.chmod(0o755)
+    proc = run_collector("--config", str(conf), "--ipsec", str(slow), "--timeout", "0.5",
+                         "--output", str(tmp_path / "ipsec.prom"))
+    assert proc.returncode == 1
+    assert "did not answer within 0.5s" in proc.stderr
+
+
+def test_charon_not_running_is_an_error_not_an_empty_gateway(conf: Path, tmp_path: Path) -> None:
+    # A private, empty /run: the real `ipsec` command finds no charon.
+    require([t for t in ("ipsec", "unshare") if not shutil.which(t)] +
+            ([] if os.geteuid() == 0 else ["root"]), "running ipsec without a daemon")
+    out = tmp_path / "ipsec.prom"
+    proc = run_collector("--config", str(conf), "--output", str(out),
+                         prefix=["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                 'mount -t tmpfs none /run && exec "$@"', "sh"])
+    assert proc.returncode == 1
+    assert "ipsec statusall` gave no daemon status" in proc.stderr
+    assert 0 not in by_tunnel(out.read_text(), "ipsec_status").values()
+
+
+def test_help_explains_flags_values_and_cron() -> None:
+    proc = run_collector("--help")
+    assert proc.returncode == 0
+    for word in ("--config", "--output", "--ipsec", "--timeout", "--status-file",
+                 "--lock-timeout", "ipsec_status", "ignored", "* * * * * root"):
+        assert word in proc.stdout
+
+
+def test_installed_console_script_behaves_like_the_checkout(conf: Path) -> None:
+    installed = shutil.which("ipsec-textfile")
+    require([] if installed else ["ipsec-textfile on PATH (pip install .)"], "the console script")
+    assert installed is not None
+    proc = subprocess.run([installed, "--config", str(conf), "--status-file", str(STATUSALL),
+                           "--output", "-"], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0
+    checkout = replay(conf, "-")
+    strip = [line for line in proc.stdout.splitlines() if not line.startswith("ipsec_textfile_")]
+    assert strip == [line for line in checkout.stdout.splitlines() if not line.startswith("ipsec_textfile_")]
+
+
+def test_promtool_accepts_the_file(conf: Path, tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    require([] if promtool else ["promtool"], "checking metrics")
+    out = tmp_path / "ipsec.prom"
+    assert replay(conf, str(out)).returncode == 0
+    check = subprocess.run([str(promtool), "check", "metrics"], input=out.read_text(),
+                           capture_output=True, text=True, timeout=30, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -15,6 +15,7 @@ import argparse
 import glob
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -576,6 +577,7 @@ class DaemonState:
 
 
 _STATUS_HEADER = re.compile(r"^Status of IKE charon daemon \(", re.MULTILINE)
+_SA_COUNTS = re.compile(r"^Security Associations \((\d+) up, (\d+) connecting\):", re.MULTILINE)
 # "   name[3]: ESTABLISHED 5 minutes ago, ..." / "name{7}:  INSTALLED, TUNNEL, ..."
 _SA_LINE = re.compile(r"^\s*(?P<name>.+?)(?:\[(?P<ike>\d+)\]|\{(?P<child>\d+)\}):\s+(?P<state>[A-Z_]+)\b")
 
@@ -583,7 +585,10 @@ _SA_LINE = re.compile(r"^\s*(?P<name>.+?)(?:\[(?P<ike>\d+)\]|\{(?P<child>\d+)\})
 def parse_statusall(text: str) -> DaemonState:
     """Parse `ipsec statusall` (stroke) output into the SAs it lists."""
     if not _STATUS_HEADER.search(text):
-        raise DaemonError("no daemon status in the output of statusall")
+        raise DaemonError("no daemon status in the output (is charon running?)")
+    counts = _SA_COUNTS.search(text)
+    if counts is None:
+        raise DaemonError("the output has no 'Security Associations' section: truncated?")
     ike: dict[tuple[str, int], SA] = {}
     child: dict[tuple[str, int], SA] = {}
     for line in text.splitlines():
@@ -598,6 +603,10 @@ def parse_statusall(text: str) -> DaemonState:
         else:
             key = (m.group("name"), int(m.group("child")))
             child.setdefault(key, SA(key[0], key[1], m.group("state")))
+    announced = int(counts.group(1)) + int(counts.group(2))
+    if len(ike) < announced:
+        # A cut-off answer would make the missing tunnels look down.
+        raise DaemonError(f"the daemon announced {announced} IKE SAs but listed {len(ike)}: truncated?")
     return DaemonState(list(ike.values()), list(child.values()))
 
 
@@ -610,24 +619,32 @@ class StrokeDaemon:
 
     def query(self) -> DaemonState:
         command = [self.ipsec, "statusall"]
+        shown = " ".join(command)
         try:
-            proc = subprocess.run(command, capture_output=True, text=True,
-                                  timeout=self.timeout, check=False)
+            # Its own process group: `ipsec` runs stroke as a child, and a timeout
+            # must end both, or the pipe stays open until a hung charon wakes.
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, errors="replace", start_new_session=True)
         except FileNotFoundError:
             raise DaemonError(f"command not found: {self.ipsec}") from None
         except PermissionError:
             raise DaemonError(f"command not executable: {self.ipsec}") from None
-        except subprocess.TimeoutExpired:
-            raise DaemonError(f"`{' '.join(command)}` did not answer within {self.timeout:g}s") from None
         except OSError as e:
             raise DaemonError(f"cannot run {self.ipsec}: {e.strerror}") from None
+        with proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                raise DaemonError(f"`{shown}` did not answer within {self.timeout:g}s") from None
         # The wrapper's exit status says whether starter runs, not whether the
         # query worked: the output decides.
         try:
-            return parse_statusall(proc.stdout)
-        except DaemonError:
-            said = (proc.stderr.strip().splitlines() or ["no output; is charon running?"])[-1]
-            raise DaemonError(f"`{' '.join(command)}` gave no daemon status (exit {proc.returncode}): {said}") from None
+            return parse_statusall(stdout)
+        except DaemonError as e:
+            said = (stderr.strip().splitlines() or [str(e)])[-1]
+            raise DaemonError(f"`{shown}` gave no usable daemon status (exit {proc.returncode}): {said}") from None
 
 
 @dataclass(frozen=True)
@@ -742,9 +759,13 @@ def write_output(registry: CollectorRegistry, path: str, lock_timeout: float) ->
     if path == "-":
         sys.stdout.write(generate_latest(registry).decode("utf-8"))
         return
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise OutputError(f"cannot write {path}: directory {directory} does not exist")
     lock_path = path + ".lock"
     try:
         with FileLock(lock_path, timeout=lock_timeout):
+            _remove_stale_temp_files(path)
             # node_exporter runs as its own user: the file must be world-readable
             # whatever umask cron or systemd gave this run.
             old_umask = os.umask(0o022)
@@ -752,10 +773,25 @@ def write_output(registry: CollectorRegistry, path: str, lock_timeout: float) ->
                 write_to_textfile(path, registry)
             finally:
                 os.umask(old_umask)
+                _remove_stale_temp_files(path)
     except Timeout:
         raise OutputError(f"another run holds the lock {lock_path} (waited {lock_timeout:g}s)") from None
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _remove_stale_temp_files(path: str) -> None:
+    """write_to_textfile's temporary files (PATH.PID.TID) left by a killed run.
+
+    Only called under the lock, when no other run can be writing one.
+    """
+    own = re.compile(re.escape(os.path.basename(path)) + r"\.\d+\.\d+")
+    for leftover in glob.glob(glob.escape(path) + ".*"):
+        if own.fullmatch(os.path.basename(leftover)):
+            try:
+                os.remove(leftover)
+            except FileNotFoundError:
+                pass
 
 
 # ---------------------------------------------------------------- main

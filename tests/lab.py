@@ -130,6 +130,9 @@ class Host:
     def ipsec(self, *args: str, timeout: float = 10) -> str:
         return run([str(self.ipsec_wrapper), *args], timeout=timeout, check=False)
 
+    def charon_pid(self) -> int:
+        return int(run([*self.nsenter(), "cat", "/run/charon.pid"]).strip())
+
     def nsenter(self) -> list[str]:
         """Command prefix that runs a command on this host, as if on the gateway itself."""
         assert self.process is not None

@@ -9,8 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, require, run_collector
 from filelock import FileLock
+
+from conftest import FIXTURES, require, run_collector
 from promfile import by_tunnel, value
 
 STATUSALL = FIXTURES / "stroke-states" / "statusall.txt"
@@ -124,7 +125,8 @@ def test_charon_not_running_is_an_error_not_an_empty_gateway(conf: Path, tmp_pat
                          prefix=["unshare", "-m", "--propagation", "private", "sh", "-c",
                                  'mount -t tmpfs none /run && exec "$@"', "sh"])
     assert proc.returncode == 1
-    assert "ipsec statusall` gave no daemon status" in proc.stderr
+    assert "ipsec statusall` gave no usable daemon status" in proc.stderr
+    assert "is charon running?" in proc.stderr
     assert 0 not in by_tunnel(out.read_text(), "ipsec_status").values()
 
 

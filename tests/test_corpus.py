@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, require
 
 import ipsec_textfile as it
+from conftest import ROOT, require
 
 CORPUS = ROOT.parent / "shared" / "corpus"
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from conftest import require
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from starter_oracle import missing, starter_verdict
 
 import ipsec_textfile as it
+from conftest import require
+from starter_oracle import missing, starter_verdict
 
 NAMES = st.sampled_from(["a", "b", "site", "site2", "%default", '"q.u-o_t e"', "x1"])
 VALUES = {

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import lab
 import pytest
-from conftest import FIXTURES
 
 import ipsec_textfile as it
+import lab
+from conftest import FIXTURES
 
 STATES = FIXTURES / "stroke-states"
 

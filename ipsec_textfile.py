@@ -24,12 +24,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from filelock import FileLock, Timeout
-from prometheus_client import (
-    CollectorRegistry,
-    Gauge,
-    generate_latest,
-    write_to_textfile,
-)
+from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 DEFAULT_CONFIG = "/etc/ipsec.conf"
 DEFAULT_OUTPUT = "/var/lib/prometheus/node-exporter/ipsec.prom"
@@ -88,6 +84,11 @@ _COMMENT = re.compile(r"[\t ]*#[^\n]*")
 _WORD = re.compile(r'(?:@#)?[^"#= \t\n]+')
 _INCLUDE = re.compile(r"include[\t ]+(?=[^=])")
 _INCLUDE_WORD = re.compile(r'[^"\\#\n\t ]+')
+# Fast path for the lines nearly every config consists of: "  key=value" and
+# "conn name", each optionally followed by a comment. Anything else (quotes,
+# includes, several words) takes the general path.
+_SETTING_LINE = re.compile(r'([\t ]+)((?:@#)?[^"#= \t\n]+)[\t ]*=[\t ]*((?:@#)?[^"#= \t\n]+)(?:[\t ]*#[^\n]*)?[\t ]*\n')
+_CONN_LINE = re.compile(r'conn[\t ]+((?:@#)?[^"#= \t\n]+)(?:[\t ]*#[^\n]*)?[\t ]*\n')
 _QUOTED_ESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
 
 
@@ -118,6 +119,22 @@ class _Lexer:
             at = f"{path}:{line}"
             char = text[pos]
             if bol:
+                m = _SETTING_LINE.match(text, pos)
+                if m and not m.group(2).startswith(("version", "include")) and not m.group(3).startswith("include"):
+                    yield _Token("SPACES", "", at)
+                    yield _Token("STRING", m.group(2), at)
+                    yield _Token("EQ", "", at)
+                    yield _Token("STRING", m.group(3), at)
+                    yield _Token("NEWLINE", "", at)
+                    pos, line = m.end(), line + 1
+                    continue
+                m = _CONN_LINE.match(text, pos)
+                if m and not m.group(1).startswith("include"):
+                    yield _Token("CONN", "", at)
+                    yield _Token("STRING", m.group(1), at)
+                    yield _Token("NEWLINE", "", at)
+                    pos, line = m.end(), line + 1
+                    continue
                 bol = False
                 m = _VERSION_LINE.match(text, pos)
                 if m:  # legacy "version 2.0" lines are eaten whole
@@ -578,8 +595,13 @@ class DaemonState:
 
 _STATUS_HEADER = re.compile(r"^Status of IKE charon daemon \(", re.MULTILINE)
 _SA_COUNTS = re.compile(r"^Security Associations \((\d+) up, (\d+) connecting\):", re.MULTILINE)
-# "   name[3]: ESTABLISHED 5 minutes ago, ..." / "name{7}:  INSTALLED, TUNNEL, ..."
-_SA_LINE = re.compile(r"^\s*(?P<name>.+?)(?:\[(?P<ike>\d+)\]|\{(?P<child>\d+)\}):\s+(?P<state>[A-Z_]+)\b")
+# The line that opens each SA: "   name[3]: ESTABLISHED 5 minutes ago, ..." (IKE SA) or
+# "name{7}:  INSTALLED, TUNNEL, ..." (CHILD SA or trap policy), right-aligned names.
+# Found by its state word (strongSwan's ike_sa_state and child_sa_state names), then
+# the name is the rest of the line before it: no backtracking over long lines.
+_SA_STATE = re.compile(
+    r"(?:\[(?P<ike>\d+)\]|\{(?P<child>\d+)\}):[ \t]+(?P<state>CREATED|CONNECTING|ESTABLISHED|PASSIVE|"
+    r"REKEYING|REKEYED|DELETING|DESTROYING|ROUTED|INSTALLING|INSTALLED|UPDATING|RETRYING|DELETED)\b")
 
 
 def parse_statusall(text: str) -> DaemonState:
@@ -591,18 +613,13 @@ def parse_statusall(text: str) -> DaemonState:
         raise DaemonError("the output has no 'Security Associations' section: truncated?")
     ike: dict[tuple[str, int], SA] = {}
     child: dict[tuple[str, int], SA] = {}
-    for line in text.splitlines():
-        m = _SA_LINE.match(line)
-        if not m:
-            continue
-        # The first line of each SA carries its state; later lines repeat the
-        # name with details (SPIs, proposals, traffic selectors).
-        if m.group("ike") is not None:
-            key = (m.group("name"), int(m.group("ike")))
-            ike.setdefault(key, SA(key[0], key[1], m.group("state")))
+    for m in _SA_STATE.finditer(text):
+        name = text[text.rfind("\n", 0, m.start()) + 1 : m.start()].lstrip(" ")
+        ike_uid, child_uid, sa_state = m.group("ike", "child", "state")
+        if ike_uid is not None:
+            ike.setdefault((name, int(ike_uid)), SA(name, int(ike_uid), sa_state))
         else:
-            key = (m.group("name"), int(m.group("child")))
-            child.setdefault(key, SA(key[0], key[1], m.group("state")))
+            child.setdefault((name, int(child_uid)), SA(name, int(child_uid), sa_state))
     announced = int(counts.group(1)) + int(counts.group(2))
     if len(ike) < announced:
         # A cut-off answer would make the missing tunnels look down.
@@ -721,29 +738,46 @@ class RunResult:
     duration: float  # seconds
 
 
-def build_registry(result: RunResult) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    status = Gauge(
+def metric_families(result: RunResult) -> list[Metric]:
+    """Every series of one run, per-tunnel ones in config order."""
+    status = GaugeMetricFamily(
         "ipsec_status",
         "IPsec tunnel state: 0 up (a CHILD SA installed), 1 IKE SA only, 2 down, "
         "3 unknown (other state, or the daemon could not be asked), 4 ignored.",
-        ["tunnel"], registry=registry,
+        labels=["tunnel"],
     )
-    routed = Gauge(
+    routed = GaugeMetricFamily(
         "ipsec_tunnel_routed",
         "1 when the tunnel's trap policy is installed (auto=route, on demand).",
-        ["tunnel"], registry=registry,
+        labels=["tunnel"],
     )
     for tunnel in result.statuses:
-        status.labels(tunnel.name).set(tunnel.status)
-        routed.labels(tunnel.name).set(int(tunnel.routed))
-    Gauge("ipsec_textfile_success", "1 when this collector's last run succeeded, else 0.",
-          registry=registry).set(int(result.success))
-    Gauge("ipsec_textfile_last_run_timestamp_seconds",
-          "When this collector's last run finished, in seconds since the epoch.",
-          registry=registry).set(result.finished)
-    Gauge("ipsec_textfile_duration_seconds", "How long this collector's last run took.",
-          registry=registry).set(result.duration)
+        status.add_metric([tunnel.name], tunnel.status)
+        routed.add_metric([tunnel.name], int(tunnel.routed))
+    return [
+        status,
+        routed,
+        GaugeMetricFamily("ipsec_textfile_success", "1 when this collector's last run succeeded, else 0.",
+                          value=int(result.success)),
+        GaugeMetricFamily("ipsec_textfile_last_run_timestamp_seconds",
+                          "When this collector's last run finished, in seconds since the epoch.",
+                          value=result.finished),
+        GaugeMetricFamily("ipsec_textfile_duration_seconds", "How long this collector's last run took.",
+                          value=result.duration),
+    ]
+
+
+@dataclass(frozen=True, eq=False)  # registries hash their collectors
+class _RunCollector:
+    result: RunResult
+
+    def collect(self) -> Iterator[Metric]:
+        yield from metric_families(self.result)
+
+
+def build_registry(result: RunResult) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(_RunCollector(result))
     return registry
 
 

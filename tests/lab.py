@@ -24,6 +24,7 @@ STARTER = "/usr/lib/ipsec/starter"
 
 STRONGSWAN_CONF = """\
 charon {{
+  {options}
   load_modular = yes
   plugins {{
     include strongswan.d/charon/*.conf
@@ -82,7 +83,8 @@ class Host:
         return self.workdir / "ipsec"
 
     def write_config(
-        self, ipsec_conf: str, local_addresses: list[str], ipsec_d: dict[str, str] | None = None
+        self, ipsec_conf: str, local_addresses: list[str], ipsec_d: dict[str, str] | None = None,
+        charon_options: str = "",
     ) -> None:
         """Config files for /etc/ipsec.conf, /etc/ipsec.d/NAME, secrets and strongswan.conf."""
         (self.workdir / "ipsec.d").mkdir(parents=True, exist_ok=True)
@@ -92,10 +94,12 @@ class Host:
         secrets = self.workdir / "ipsec.secrets"
         secrets.write_text(f': PSK "{PSK}"\n')
         secrets.chmod(0o600)
-        (self.workdir / "strongswan.conf").write_text(STRONGSWAN_CONF.format(log=self.log))
+        (self.workdir / "strongswan.conf").write_text(
+            STRONGSWAN_CONF.format(log=self.log, options=charon_options))
         # Every local traffic selector needs a local address inside it.
-        for addr in local_addresses:
-            run(["ip", "-n", self.netns, "addr", "add", addr, "dev", "lo"])
+        batch = "".join(f"addr add {addr} dev lo\n" for addr in local_addresses)
+        subprocess.run(["ip", "-n", self.netns, "-batch", "-"], input=batch, text=True,
+                       check=True, timeout=120)
 
     def start(self) -> None:
         binds = " && ".join(
@@ -192,13 +196,15 @@ class Lab:
             run(["ip", "netns", "del", host.netns], check=False)
 
 
-def wait_for_status(host: Host, predicate: Callable[[str], bool], timeout: float, what: str) -> str:
-    """Poll the daemon's own `ipsec statusall` until predicate(output) holds."""
+def wait_for_status(
+    host: Host, predicate: Callable[[str], bool], timeout: float, what: str, command: str = "statusall"
+) -> str:
+    """Poll the daemon's own `ipsec statusall` (or `status`) until predicate(output) holds."""
     output = ""
 
     def check() -> bool:
         nonlocal output
-        output = host.ipsec("statusall")
+        output = host.ipsec(command, timeout=60)
         return predicate(output)
 
     wait_for(check, timeout, what)
@@ -354,3 +360,48 @@ def start_states_lab(workdir: Path) -> Lab:
         lab.destroy()
         raise
     return lab
+
+
+def scale_address(side: int, i: int) -> str:
+    """Tunnel i's /32 traffic selector on side 1 (gateway) or 2 (peer)."""
+    return f"10.{side}{i // 62500}.{i // 250 % 250}.{i % 250 + 1}"
+
+
+def start_scale_lab(workdir: Path, tunnels: int, timeout: float = 600) -> Lab:
+    """A gateway with `tunnels` INSTALLED tunnels, all CHILD SAs of one IKE SA.
+
+    The conns share their IKE settings, so charon adds each as a child of the
+    first; the peer answers them all from one wide responder conn.
+    """
+    lab = Lab(workdir)
+    lab.create_network()
+    try:
+        gateway = "".join(
+            f"conn t{i}\n    leftsubnet={scale_address(1, i)}/32\n    rightsubnet={scale_address(2, i)}/32\n"
+            for i in range(tunnels))
+        lab.gateway.write_config(
+            SCALE_DEFAULT.format(left="10.99.0.1", right="10.99.0.2", id="gw", peer="peer", auto="start")
+            + gateway, [f"{scale_address(1, i)}/32" for i in range(tunnels)])
+        lab.peer.write_config(
+            SCALE_DEFAULT.format(left="10.99.0.2", right="10.99.0.1", id="peer", peer="gw", auto="add")
+            + "conn gw\n    leftsubnet=10.20.0.0/14\n    rightsubnet=10.10.0.0/14\n",
+            [f"{scale_address(2, i)}/32" for i in range(tunnels)])
+        lab.start()
+        wait_for_status(lab.gateway, lambda s: s.count("INSTALLED, TUNNEL") >= tunnels, timeout,
+                        f"{tunnels} tunnels to come up", command="status")
+    except BaseException:
+        lab.destroy()
+        raise
+    return lab
+
+
+SCALE_DEFAULT = """\
+conn %default
+    keyexchange=ikev2
+    authby=secret
+    left={left}
+    right={right}
+    leftid={id}
+    rightid={peer}
+    auto={auto}
+"""

@@ -5,9 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import ROOT, require
-
 import lab
+from conftest import ROOT, require
 
 
 def test_benchmark_runs_and_prints_its_table() -> None:

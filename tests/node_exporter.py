@@ -58,3 +58,13 @@ class NodeExporter:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=10)
+
+
+def scrape_once(textfile_dir: Path) -> str:
+    """Start node_exporter on textfile_dir, scrape it once, stop it."""
+    exporter = NodeExporter(textfile_dir)
+    exporter.start()
+    try:
+        return exporter.scrape()
+    finally:
+        exporter.stop()

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import lab
 from conftest import FIXTURES, SCRIPT, require, run_collector
-from node_exporter import BINARY, NodeExporter
+from node_exporter import BINARY, scrape_once
 from promfile import by_tunnel, value
 
 STATUSALL = FIXTURES / "stroke-states" / "statusall.txt"
@@ -331,12 +331,7 @@ def test_node_exporter_serves_odd_names(tmp_path: Path) -> None:
     conf = odd_names_conf(tmp_path)
     conf.write_text(conf.read_text() + "conn crlf\r\n")
     assert replay(conf, outdir / "ipsec.prom").returncode == 0
-    exporter = NodeExporter(outdir)
-    exporter.start()
-    try:
-        served = exporter.scrape()
-    finally:
-        exporter.stop()
+    served = scrape_once(outdir)
     assert 'ipsec_status{tunnel="crlf\r"} 4\n' in served  # no auto: ignored
     # prometheus_client's own parser cannot read a raw \r; Prometheus and promtool can.
     parseable = "\n".join(line for line in served.split("\n") if "\r" not in line)

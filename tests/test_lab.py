@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lab
 from conftest import require, run_collector
-from node_exporter import BINARY, NodeExporter
+from node_exporter import BINARY, scrape_once
 from promfile import by_tunnel, samples, value
 
 
@@ -54,12 +54,7 @@ def test_node_exporter_serves_the_file(states_lab: lab.Lab, tmp_path: Path) -> N
     textfile_dir = tmp_path / "textfile"
     textfile_dir.mkdir()
     assert collect_on_gateway(states_lab, textfile_dir / "ipsec.prom", "--lock-timeout", "5").returncode == 0
-    exporter = NodeExporter(textfile_dir)
-    exporter.start()
-    try:
-        served = exporter.scrape()
-    finally:
-        exporter.stop()
+    served = scrape_once(textfile_dir)
     assert by_tunnel(served, "ipsec_status") == lab.STATES_EXPECTED
     assert samples(served)[("node_textfile_scrape_error", ())] == 0
     assert value(served, "ipsec_textfile_success") == 1

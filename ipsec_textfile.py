@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from filelock import FileLock, Timeout
@@ -395,15 +395,6 @@ _END_VALUES = {
     "firewall": _BOOL, "hostaccess": _BOOL, "allowany": _BOOL,
     "sendcert": ("always", "ifasked", "never", "yes", "no"),
 }
-_CONN_DURATIONS = {"dpddelay", "dpdtimeout", "ikelifetime", "inactivity", "keylife",
-                   "lifetime", "margintime", "rekeymargin"}
-_CONN_INTEGERS = {"lifebytes", "lifepackets", "marginbytes", "marginpackets", "reqid",
-                  "replay_window"}
-_CONN_FREE = {"aaa_identity", "ah", "eap", "eap_identity", "esp", "ike", "me_peerid",
-              "mediated_by", "pfs", "pfsgroup", "xauth_identity"}
-_END_FREE = {"", "auth", "auth2", "ca", "ca2", "cert", "cert2", "certpolicy", "dns", "groups",
-             "groups2", "id", "id2", "nexthop", "rsasigkey", "sigkey", "sourceip", "subnet",
-             "subnetwithin", "updown"}
 _SHUNT_TYPES = {"pass", "passthrough", "drop", "reject"}
 
 
@@ -480,37 +471,59 @@ def _valid_protoport(value: str) -> bool:
     return stop == len(port) and 0 <= first <= 0xFFFF and 0 <= last <= 0xFFFF
 
 
+def _always(value: str) -> bool:
+    return True
+
+
+def _one_of(*allowed: str) -> Callable[[str], bool]:
+    return lambda value: value in allowed
+
+
+# Every keyword starter knows in a conn section, with the check it applies to the
+# value (free-form and deprecated ones accept anything).
+_CONN_CHECKS: dict[str, Callable[[str], bool]] = {
+    **{key: _one_of(*values) for key, values in _CONN_VALUES.items()},
+    **dict.fromkeys(["dpddelay", "dpdtimeout", "ikelifetime", "inactivity", "keylife", "lifetime",
+                     "margintime", "rekeymargin"], _valid_duration),
+    **dict.fromkeys(["lifebytes", "lifepackets", "marginbytes", "marginpackets", "reqid",
+                     "replay_window"], _reads_whole),
+    **dict.fromkeys(["aaa_identity", "ah", "eap", "eap_identity", "esp", "ike", "me_peerid",
+                     "mediated_by", "pfs", "pfsgroup", "xauth_identity"], _always),
+    **dict.fromkeys(["mark", "mark_in", "mark_out"], _valid_mark),
+    "rekeyfuzz": _valid_percent,
+    "ikedscp": lambda value: _reads_whole(value, 2),
+    "keyingtries": lambda value: value == "%forever" or _reads_whole(value),
+    "tfc": lambda value: value == "%mtu" or _reads_whole(value),
+}
+# The same for left*/right* keywords, by what follows "left" or "right".
+_END_CHECKS: dict[str, Callable[[str], bool]] = {
+    **{key: _one_of(*values) for key, values in _END_VALUES.items()},
+    **dict.fromkeys(["", "auth", "auth2", "ca", "ca2", "cert", "cert2", "certpolicy", "dns", "groups",
+                     "groups2", "id", "id2", "nexthop", "rsasigkey", "sigkey", "sourceip", "subnet",
+                     "subnetwithin", "updown"], _always),
+    "ikeport": _reads_whole,
+    "protoport": _valid_protoport,
+}
+
+
+def _conn_check(key: str) -> Callable[[str], bool] | None:
+    """The value check of a conn or end keyword; None when starter does not know it there."""
+    for side in ("left", "right"):
+        if key.startswith(side) and key[len(side) :] in _END_CHECKS:
+            return _END_CHECKS[key[len(side) :]]
+    return _CONN_CHECKS.get(key)
+
+
 def _conn_errors(settings: dict[str, str]) -> list[str]:
     """The values for which starter drops a conn ("bad argument value in conn")."""
     errors = []
     for key, value in settings.items():
-        end_key = key[4:] if key.startswith("left") else key[5:] if key.startswith("right") else None
-        if end_key is not None and (end_key in _END_FREE or end_key in _END_VALUES
-                                    or end_key in ("ikeport", "protoport")):
-            ok = (value in _END_VALUES[end_key] if end_key in _END_VALUES
-                  else _reads_whole(value) if end_key == "ikeport"
-                  else _valid_protoport(value) if end_key == "protoport"
-                  else True)
-        elif key in _SETUP_VALUES or key in _SETUP_FREE or key in _CA_KEYWORDS:
-            ok = False  # "unsupported keyword in conn"
-        elif key in _CONN_VALUES:
-            ok = value in _CONN_VALUES[key]
-        elif key in _CONN_DURATIONS:
-            ok = _valid_duration(value)
-        elif key in _CONN_INTEGERS:
-            ok = _reads_whole(value)
-        elif key == "rekeyfuzz":
-            ok = _valid_percent(value)
-        elif key == "ikedscp":
-            ok = _reads_whole(value, 2)
-        elif key == "keyingtries":
-            ok = value == "%forever" or _reads_whole(value)
-        elif key == "tfc":
-            ok = value == "%mtu" or _reads_whole(value)
-        elif key in ("mark", "mark_in", "mark_out"):
-            ok = _valid_mark(value)
+        check = _conn_check(key)
+        if check is not None:
+            ok = check(value)
         else:
-            ok = True  # free-form, deprecated or unknown: starter only warns
+            # a config setup or ca keyword is "unsupported" here; an unknown one only warns
+            ok = key not in _SETUP_VALUES and key not in _SETUP_FREE and key not in _CA_KEYWORDS
         if not ok:
             errors.append(f"{key}={value}")
     for side in ("left", "right"):
@@ -527,20 +540,9 @@ def _setup_errors(settings: dict[str, str | None]) -> list[str]:
         if key in _SETUP_VALUES:
             if value not in _SETUP_VALUES[key]:
                 errors.append(f"{key}={value}")
-        elif key not in _SETUP_FREE and _is_known_outside_setup(key):
+        elif key not in _SETUP_FREE and (_conn_check(key) is not None or key in _CA_KEYWORDS):
             errors.append(f"{key} is not a config setup keyword")
     return errors
-
-
-def _is_known_outside_setup(key: str) -> bool:
-    end_key = key[4:] if key.startswith("left") else key[5:] if key.startswith("right") else None
-    if end_key is not None and (end_key in _END_FREE or end_key in _END_VALUES
-                                or end_key in ("ikeport", "protoport")):
-        return True
-    return (key in _CA_KEYWORDS or key in _CONN_VALUES or key in _CONN_DURATIONS
-            or key in _CONN_INTEGERS or key in _CONN_FREE
-            or key in ("rekeyfuzz", "ikedscp", "keyingtries", "tfc", "mark", "mark_in",
-                       "mark_out"))
 
 
 def read_config(path: str, root: str | None = None) -> list[Tunnel]:

@@ -167,8 +167,8 @@ class _Lexer:
             elif char == '"':
                 value, pos, line = _quoted(text, pos + 1, line, at)
                 yield _Token("STRING", value, at)
-            elif text.startswith("include", pos) and _INCLUDE.match(text, pos):
-                pattern, pos, line = self._include_pattern(text, _INCLUDE.match(text, pos).end(), line, at)  # type: ignore[union-attr]
+            elif text.startswith("include", pos) and (include := _INCLUDE.match(text, pos)):
+                pattern, pos, line = self._include_pattern(text, include.end(), line, at)
                 yield from self._include(pattern, path, at)
             else:
                 m = _WORD.match(text, pos)

@@ -19,16 +19,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from filelock import FileLock, Timeout
 from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 DEFAULT_CONFIG = "/etc/ipsec.conf"
 DEFAULT_OUTPUT = "/var/lib/prometheus/node-exporter/ipsec.prom"
+DEFAULT_VICI_SOCKET = "/var/run/charon.vici"
+TUNNEL = ["tunnel"]  # the label of every per-tunnel series
 
 STATUS_UP = 0
 STATUS_IKE_ONLY = 1
@@ -50,12 +54,13 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Tunnel:
-    """A conn section of ipsec.conf, as starter resolves it."""
+    """A conn section of ipsec.conf as starter resolves it, or a CHILD config the daemon lists."""
 
     name: str
-    auto: str | None  # effective auto=; None when unset (strongSwan: ignore)
+    auto: str | None  # effective auto=; None when unset (strongSwan: ignore) or loaded over VICI
     shunt: bool  # type=pass/passthrough/drop/reject: a policy that never carries an SA
     loaded: bool  # starter hands it to the daemon
+    ike: str | None = None  # its IKE config, when not named after it (a swanctl.conf connection)
 
     @property
     def ignored(self) -> bool:
@@ -581,21 +586,47 @@ class DaemonError(Exception):
 
 
 @dataclass(frozen=True)
-class SA:
-    """One IKE SA (name[uid]) or CHILD SA / trap policy (name{uid}) the daemon lists."""
-
-    name: str
+class IkeSA:
+    name: str  # the IKE config's name: an ipsec.conf conn, a swanctl.conf connection
     uid: int
-    state: str
+    state: str  # strongSwan's ike_sa_state name: ESTABLISHED, CONNECTING, ...
+    age: float | None = None  # seconds since it was established
+    next_rekey: float | None = None  # seconds until its next rekey or reauthentication
+
+
+@dataclass(frozen=True)
+class ChildSA:
+    name: str  # the CHILD config's name: an ipsec.conf conn, a swanctl.conf child
+    uid: int
+    state: str  # strongSwan's child_sa_state name: INSTALLED, REKEYED, ...
+    ike_uid: int  # the IKE SA that carries it
+    bytes_in: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
 
 
 @dataclass(frozen=True)
 class DaemonState:
-    ike_sas: list[SA]
-    child_sas: list[SA]  # includes ROUTED trap policies
+    """One snapshot of the daemon."""
+
+    ike_sas: list[IkeSA]
+    child_sas: list[ChildSA]
+    routed: set[str] = field(default_factory=set)  # CHILD configs with a trap policy
+    loaded: list[Tunnel] = field(default_factory=list)  # tunnels the daemon itself lists (VICI)
+    version: str = ""
+    uptime: float | None = None  # seconds
+    backend: str = ""
 
 
-_STATUS_HEADER = re.compile(r"^Status of IKE charon daemon \(", re.MULTILINE)
+class Daemon(Protocol):
+    def query(self) -> DaemonState: ...
+
+
+_DELTA_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_DELTA = r"(\d+) (second|minute|hour|day)s?"
+_STATUS_HEADER = re.compile(r"^Status of IKE charon daemon \(strongSwan ([^,)]*)", re.MULTILINE)
+_SINCE = re.compile(r"^  uptime: [^\n]*, since ([A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4})$", re.MULTILINE)
 _SA_COUNTS = re.compile(r"^Security Associations \((\d+) up, (\d+) connecting\):", re.MULTILINE)
 # The line that opens each SA: "   name[3]: ESTABLISHED 5 minutes ago, ..." (IKE SA) or
 # "name{7}:  INSTALLED, TUNNEL, ..." (CHILD SA or trap policy), right-aligned names.
@@ -604,29 +635,66 @@ _SA_COUNTS = re.compile(r"^Security Associations \((\d+) up, (\d+) connecting\):
 _SA_STATE = re.compile(
     r"(?:\[(?P<ike>\d+)\]|\{(?P<child>\d+)\}):[ \t]+(?P<state>CREATED|CONNECTING|ESTABLISHED|PASSIVE|"
     r"REKEYING|REKEYED|DELETING|DESTROYING|ROUTED|INSTALLING|INSTALLED|UPDATING|RETRYING|DELETED)\b")
+_IKE_AGE = re.compile(" " + _DELTA + " ago")
+_IKE_REKEY = re.compile(r"(?:rekeying|reauthentication) in " + _DELTA)
+# stroke shows a packet count only once the SA has been used: "640 bytes_i (5 pkts, 1s ago)"
+# or "0 bytes_i"; one packet is "1 pkt".
+_TRAFFIC = re.compile(r", (\d+) bytes_i(?: \((\d+) pkts?,[^)]*\))?, (\d+) bytes_o(?: \((\d+) pkts?,)?")
+
+
+def _delta(match: re.Match[str], first: int = 1) -> float:
+    """Seconds in stroke's "N unit(s)", which rounds down to minutes past 2 min, hours past 2 h."""
+    return int(match.group(first)) * _DELTA_UNITS[match.group(first + 1)]
+
+
+def _uptime(since: str) -> float | None:
+    """Seconds since charon's start, from its local-time "Nov 24 22:34:49 2026" (stroke and VICI)."""
+    try:
+        return max(0.0, time.time() - time.mktime(time.strptime(since, "%b %d %H:%M:%S %Y")))
+    except ValueError:
+        return None
 
 
 def parse_statusall(text: str) -> DaemonState:
     """Parse `ipsec statusall` (stroke) output into the SAs it lists."""
-    if not _STATUS_HEADER.search(text):
+    header = _STATUS_HEADER.search(text)
+    if header is None:
         raise DaemonError("no daemon status in the output (is charon running?)")
     counts = _SA_COUNTS.search(text)
     if counts is None:
         raise DaemonError("the output has no 'Security Associations' section: truncated?")
-    ike: dict[tuple[str, int], SA] = {}
-    child: dict[tuple[str, int], SA] = {}
-    for m in _SA_STATE.finditer(text):
+    ike: dict[int, IkeSA] = {}
+    child: dict[int, ChildSA] = {}
+    routed = set()
+    carrier = -1  # the IKE SA listed last, which carries the CHILD SAs listed after it
+    matches = list(_SA_STATE.finditer(text))
+    for m, following in zip(matches, [*matches[1:], None]):
         name = text[text.rfind("\n", 0, m.start()) + 1 : m.start()].lstrip(" ")
         ike_uid, child_uid, sa_state = m.group("ike", "child", "state")
+        # An SA's detail lines run up to the next SA's opening line.
+        end = following.start() if following else len(text)
         if ike_uid is not None:
-            ike.setdefault((name, int(ike_uid)), SA(name, int(ike_uid), sa_state))
-        else:
-            child.setdefault((name, int(child_uid)), SA(name, int(child_uid), sa_state))
+            carrier = int(ike_uid)
+            if carrier in ike:
+                continue
+            age = _IKE_AGE.match(text, m.end(), end)
+            rekeys = [_delta(r) for r in _IKE_REKEY.finditer(text, m.end(), end)]
+            ike[int(ike_uid)] = IkeSA(name, int(ike_uid), sa_state, _delta(age) if age else None,
+                                      min(rekeys, default=None))
+        elif sa_state == "ROUTED":
+            routed.add(name)
+        elif m.start() > counts.start() and int(child_uid) not in child:
+            traffic = _TRAFFIC.search(text, m.end(), end)
+            numbers = [int(n or 0) for n in traffic.groups()] if traffic else [0, 0, 0, 0]
+            child[int(child_uid)] = ChildSA(name, int(child_uid), sa_state, carrier,
+                                            numbers[0], numbers[2], numbers[1], numbers[3])
     announced = int(counts.group(1)) + int(counts.group(2))
     if len(ike) < announced:
         # A cut-off answer would make the missing tunnels look down.
         raise DaemonError(f"the daemon announced {announced} IKE SAs but listed {len(ike)}: truncated?")
-    return DaemonState(list(ike.values()), list(child.values()))
+    since = _SINCE.search(text)
+    return DaemonState(list(ike.values()), list(child.values()), routed, version=header.group(1),
+                       uptime=_uptime(since.group(1)) if since else None, backend="stroke")
 
 
 @dataclass(frozen=True)
@@ -684,81 +752,303 @@ class StatusFile:
             raise DaemonError(f"{self.path}: {e}") from None
 
 
+_VICI_SHUNT_MODES = {"PASS", "DROP"}
+
+
+def parse_vici(answer: dict[str, Any]) -> DaemonState:
+    """One snapshot from the VICI answers ViciDaemon collects (bytes decoded to str).
+
+    answer: "version", "stats", "list-sas", "list-policies", "list-conns", then
+    "stats-after": stats again, taken after list-sas.
+    """
+    ike: list[IkeSA] = []
+    child: list[ChildSA] = []
+    for event in answer["list-sas"]:
+        for ike_name, sa in event.items():
+            rekeys = [float(sa[k]) for k in ("rekey-time", "reauth-time") if k in sa]
+            age = float(sa["established"]) if "established" in sa else None
+            ike.append(IkeSA(ike_name, int(sa["uniqueid"]), sa["state"], age, min(rekeys, default=None)))
+            for c in sa.get("child-sas", {}).values():
+                child.append(ChildSA(c["name"], int(c["uniqueid"]), c["state"], int(sa["uniqueid"]),
+                                     int(c.get("bytes-in", 0)), int(c.get("bytes-out", 0)),
+                                     int(c.get("packets-in", 0)), int(c.get("packets-out", 0))))
+    # charon drops an IKE SA from list-sas whose message would pass VICI's 512 KiB
+    # limit (about 1300 CHILD SAs): its tunnels must not look down.
+    counted = min(int(answer[k]["ikesas"]["total"]) for k in ("stats", "stats-after"))
+    if len(ike) < counted:
+        raise DaemonError(
+            f"the daemon has {counted} IKE SAs but VICI listed {len(ike)} (an IKE SA with too many "
+            "CHILD SAs passes VICI's message size limit); use --backend stroke")
+    loaded = [
+        Tunnel(name, auto=None, shunt=c.get("mode") in _VICI_SHUNT_MODES, loaded=True, ike=conn_name)
+        for event in answer["list-conns"] for conn_name, conn in event.items()
+        for name, c in conn.get("children", {}).items()
+    ]
+    routed = {p["child"] for event in answer["list-policies"] for p in event.values()
+              if p.get("mode") not in _VICI_SHUNT_MODES}
+    return DaemonState(ike, child, routed, loaded, version=answer["version"].get("version", ""),
+                       uptime=_uptime(answer["stats"].get("uptime", {}).get("since", "")), backend="vici")
+
+
+def _decoded(value: Any) -> Any:
+    """The vici package's answer (bytes in ordered dicts) as plain str, dict and list."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {k: _decoded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decoded(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class ViciDaemon:
+    """charon through its VICI socket (what swanctl uses), with strongSwan's vici package."""
+
+    socket_path: str = DEFAULT_VICI_SOCKET
+    timeout: float = 10.0
+
+    def query(self) -> DaemonState:
+        return parse_vici(_decoded(self.ask()))
+
+    def ask(self) -> dict[str, Any]:
+        """The raw answers parse_vici reads, within the timeout."""
+        try:
+            import vici  # strongSwan's own client; only this backend needs it
+        except ImportError:
+            raise DaemonError("the vici backend needs the Python package vici (pip install vici)") from None
+        sock = self.connect()
+        answer: dict[str, Any] = {}
+        failure: list[BaseException] = []
+
+        def converse() -> None:
+            try:
+                session = vici.Session(sock)
+                answer["version"] = session.version()
+                answer["stats"] = session.stats()
+                answer["list-sas"] = list(session.list_sas())
+                answer["stats-after"] = session.stats()
+                answer["list-policies"] = list(session.list_policies({"trap": "yes", "pass": "yes",
+                                                                      "drop": "yes"}))
+                answer["list-conns"] = list(session.list_conns())
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                failure.append(e)
+
+        # The vici package drops the socket timeout once a message starts, so the
+        # deadline is kept here: a daemon that stalls mid-answer is cut off.
+        worker = threading.Thread(target=converse, daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        try:
+            if worker.is_alive():
+                sock.shutdown(socket.SHUT_RDWR)
+                raise DaemonError(f"VICI at {self.socket_path} did not answer within {self.timeout:g}s")
+        finally:
+            sock.close()
+        if failure:
+            error = failure[0]
+            if isinstance(error, (OSError, vici.exception.SessionException,
+                                  vici.exception.CommandException, vici.exception.DeserializationException)):
+                raise DaemonError(f"VICI at {self.socket_path}: {error}") from None
+            raise error
+        return answer
+
+    def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as e:
+            sock.close()
+            raise DaemonError(f"cannot connect to VICI at {self.socket_path}: {e.strerror or e}") from None
+        return sock
+
+
+def choose_daemon(backend: str, ipsec: str, vici_socket: str, timeout: float) -> Daemon:
+    """auto: VICI when its socket accepts a connection, else the `ipsec` command."""
+    vici_daemon = ViciDaemon(vici_socket, timeout)
+    if backend == "vici":
+        return vici_daemon
+    if backend == "auto":
+        try:
+            vici_daemon.connect().close()
+            return vici_daemon
+        except DaemonError:
+            pass
+    return StrokeDaemon(ipsec, timeout)
+
+
 # ---------------------------------------------------------------- classify
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What a tunnel's CHILD SAs carried, summed over those the daemon lists now."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+
+
+@dataclass(frozen=True)
+class TunnelDetail:
+    traffic: Traffic
+    installed_child_sas: int
+    ike: IkeSA | None  # its newest ESTABLISHED IKE SA, if any
 
 
 @dataclass(frozen=True)
 class TunnelStatus:
     name: str
     status: int
-    routed: bool  # a trap policy (auto=route) is installed
+    routed: bool = False  # a trap policy (auto=route) is installed
+    # The rest only when the daemon answered and the tunnel is not ignored.
+    detail: TunnelDetail | None = None
+
+
+def all_tunnels(configured: Sequence[Tunnel], loaded: Sequence[Tunnel]) -> list[Tunnel]:
+    """ipsec.conf's tunnels, then those the daemon has loaded from elsewhere (swanctl.conf)."""
+    known = {t.name for t in configured}
+    tunnels = list(configured)
+    for tunnel in loaded:
+        if tunnel.name not in known:  # a CHILD name used by two swanctl connections: one tunnel
+            known.add(tunnel.name)
+            tunnels.append(tunnel)
+    return tunnels
 
 
 def classify(tunnels: Sequence[Tunnel], state: DaemonState) -> list[TunnelStatus]:
-    """Each tunnel's ipsec_status from one snapshot of the daemon; names match exactly."""
-    children: dict[str, list[str]] = {}
-    for sa in state.child_sas:
-        children.setdefault(sa.name, []).append(sa.state)
-    ike: dict[str, list[str]] = {}
+    """Each tunnel's ipsec_status and figures from one snapshot of the daemon; names match exactly."""
+    children: dict[str, list[ChildSA]] = {}
+    for c in state.child_sas:
+        children.setdefault(c.name, []).append(c)
+    ike_by_name: dict[str, list[IkeSA]] = {}
+    ike_by_uid = {sa.uid: sa for sa in state.ike_sas}
     for sa in state.ike_sas:
-        ike.setdefault(sa.name, []).append(sa.state)
+        ike_by_name.setdefault(sa.name, []).append(sa)
 
     results = []
     for tunnel in tunnels:
-        child_states = children.get(tunnel.name, [])
-        routed = "ROUTED" in child_states
-        live_children = [s for s in child_states if s != "ROUTED"]
-        ike_states = ike.get(tunnel.name, [])
+        routed = tunnel.name in state.routed
         if tunnel.ignored:
-            status = STATUS_IGNORED
-        elif "INSTALLED" in live_children:
+            results.append(TunnelStatus(tunnel.name, STATUS_IGNORED, routed))
+            continue
+        own_children = children.get(tunnel.name, [])
+        named_ike = ike_by_name.get(tunnel.ike or tunnel.name, [])
+        installed = [c for c in own_children if c.state == "INSTALLED"]
+        if installed:
             status = STATUS_UP
-        elif not live_children and "ESTABLISHED" in ike_states:
+        elif not own_children and any(sa.state == "ESTABLISHED" for sa in named_ike):
             status = STATUS_IKE_ONLY
-        elif not live_children and not ike_states:
+        elif not own_children and not named_ike:
             status = STATUS_DOWN
         else:
             status = STATUS_UNKNOWN
-        results.append(TunnelStatus(tunnel.name, status, routed))
+        # Its IKE SA is the one carrying its CHILD SAs; before it has any, the one of its name.
+        carriers = [ike_by_uid[c.ike_uid] for c in installed if c.ike_uid in ike_by_uid] or named_ike
+        established = [sa for sa in carriers if sa.state == "ESTABLISHED"]
+        newest = min(established, key=lambda sa: sa.age if sa.age is not None else 0.0, default=None)
+        traffic = Traffic(sum(c.bytes_in for c in own_children), sum(c.bytes_out for c in own_children),
+                          sum(c.packets_in for c in own_children), sum(c.packets_out for c in own_children))
+        detail = TunnelDetail(traffic, len(installed), newest)
+        results.append(TunnelStatus(tunnel.name, status, routed, detail))
     return results
 
 
 def unknown_statuses(tunnels: Sequence[Tunnel]) -> list[TunnelStatus]:
     """What a run that could not ask the daemon knows: nothing is known to be up."""
-    return [TunnelStatus(t.name, STATUS_IGNORED if t.ignored else STATUS_UNKNOWN, False)
-            for t in tunnels]
+    return [TunnelStatus(t.name, STATUS_IGNORED if t.ignored else STATUS_UNKNOWN) for t in tunnels]
 
 
 # ---------------------------------------------------------------- build metrics
 
 
+IKE_SA_STATES = ("CREATED", "CONNECTING", "ESTABLISHED", "PASSIVE", "REKEYING", "REKEYED", "DELETING",
+                 "DESTROYING")
+
+
 @dataclass(frozen=True)
 class RunResult:
     statuses: list[TunnelStatus]
-    success: bool
+    daemon: DaemonState | None  # None when the daemon could not be asked
     finished: float  # unix time
     duration: float  # seconds
 
+    @property
+    def success(self) -> bool:
+        return self.daemon is not None
+
 
 def metric_families(result: RunResult) -> list[Metric]:
-    """Every series of one run, per-tunnel ones in config order."""
-    status = GaugeMetricFamily(
-        "ipsec_status",
-        "IPsec tunnel state: 0 up (a CHILD SA installed), 1 IKE SA only, 2 down, "
-        "3 unknown (other state, or the daemon could not be asked), 4 ignored.",
-        labels=["tunnel"],
-    )
-    routed = GaugeMetricFamily(
-        "ipsec_tunnel_routed",
-        "1 when the tunnel's trap policy is installed (auto=route, on demand).",
-        labels=["tunnel"],
-    )
+    """Every series of one run, per-tunnel ones in config order.
+
+    Only ipsec_status is written for a tunnel the daemon was not asked about, or
+    that is ignored: no figure is carried over from an earlier run.
+    """
+    status = GaugeMetricFamily("ipsec_status",
+                               "IPsec tunnel state: 0 up (a CHILD SA installed), 1 IKE SA only, 2 down, "
+                               "3 unknown (other state, or the daemon could not be asked), 4 ignored.",
+                               labels=TUNNEL)
+    routed = GaugeMetricFamily("ipsec_tunnel_routed",
+                               "1 when the tunnel's trap policy is installed (auto=route, on demand).",
+                               labels=TUNNEL)
+    child_sas = GaugeMetricFamily("ipsec_installed_child_sas",
+                                  "CHILD SAs of the tunnel in state INSTALLED (2 while one is rekeyed).",
+                                  labels=TUNNEL)
+    ike_up = GaugeMetricFamily("ipsec_ike_established",
+                               "1 when the IKE SA that carries the tunnel is ESTABLISHED.", labels=TUNNEL)
+    ike_age = GaugeMetricFamily("ipsec_ike_age_seconds",
+                                "Seconds since the tunnel's IKE SA was established (stroke: minutes past "
+                                "2 minutes, hours past 2 hours).", labels=TUNNEL)
+    ike_rekey = GaugeMetricFamily("ipsec_ike_next_rekey_seconds",
+                                  "Seconds until the tunnel's IKE SA is rekeyed or reauthenticated, "
+                                  "whichever comes first.", labels=TUNNEL)
+    counters = [
+        (CounterMetricFamily("ipsec_in_bytes",
+                             "Bytes received through the tunnel, summed over its CHILD SAs; "
+                             "restarts from 0 when a CHILD SA is rekeyed.", labels=TUNNEL), "bytes_in"),
+        (CounterMetricFamily("ipsec_out_bytes",
+                             "Bytes sent through the tunnel, summed over its CHILD SAs; "
+                             "restarts from 0 when a CHILD SA is rekeyed.", labels=TUNNEL), "bytes_out"),
+        (CounterMetricFamily("ipsec_in_packets",
+                             "Packets received through the tunnel, summed over its CHILD SAs; "
+                             "restarts from 0 when a CHILD SA is rekeyed.", labels=TUNNEL), "packets_in"),
+        (CounterMetricFamily("ipsec_out_packets",
+                             "Packets sent through the tunnel, summed over its CHILD SAs; "
+                             "restarts from 0 when a CHILD SA is rekeyed.", labels=TUNNEL), "packets_out"),
+    ]
     for tunnel in result.statuses:
-        status.add_metric([tunnel.name], tunnel.status)
-        routed.add_metric([tunnel.name], int(tunnel.routed))
+        label = [tunnel.name]
+        status.add_metric(label, tunnel.status)
+        detail = tunnel.detail
+        if detail is None:
+            continue
+        routed.add_metric(label, int(tunnel.routed))
+        child_sas.add_metric(label, detail.installed_child_sas)
+        ike_up.add_metric(label, int(detail.ike is not None))
+        if detail.ike is not None and detail.ike.age is not None:
+            ike_age.add_metric(label, detail.ike.age)
+        if detail.ike is not None and detail.ike.next_rekey is not None:
+            ike_rekey.add_metric(label, detail.ike.next_rekey)
+        for counter, field_name in counters:
+            counter.add_metric(label, getattr(detail.traffic, field_name))
+    families = [status, routed, child_sas, ike_up, ike_age, ike_rekey, *(c for c, _ in counters)]
+
+    daemon = result.daemon
+    if daemon is not None:
+        info = InfoMetricFamily("ipsec_daemon", "The IKE daemon's version, and how this collector asks it.",
+                                value={"version": daemon.version, "backend": daemon.backend})
+        families.append(info)
+        if daemon.uptime is not None:
+            families.append(GaugeMetricFamily("ipsec_daemon_uptime_seconds",
+                                              "Seconds since the IKE daemon started.", value=daemon.uptime))
+        by_state = GaugeMetricFamily("ipsec_ike_sas", "IKE SAs the daemon holds, by state.", labels=["state"])
+        for state in IKE_SA_STATES:
+            by_state.add_metric([state], sum(sa.state == state for sa in daemon.ike_sas))
+        families.append(by_state)
     return [
-        status,
-        routed,
+        *families,
         GaugeMetricFamily("ipsec_textfile_success", "1 when this collector's last run succeeded, else 0.",
                           value=int(result.success)),
         GaugeMetricFamily("ipsec_textfile_last_run_timestamp_seconds",
@@ -865,36 +1155,58 @@ example cron line (/etc/cron.d/ipsec-textfile):
   * * * * * root ipsec-textfile --output {DEFAULT_OUTPUT} 2>&1 | logger -t ipsec-textfile
 """,
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                        help="ipsec.conf to read (default: %(default)s)")
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"ipsec.conf to read (default: {DEFAULT_CONFIG}; with VICI it may be missing, "
+                             "the daemon then names the tunnels it loaded from swanctl.conf)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="PATH",
                         help="the .prom file to replace, or - for stdout (default: %(default)s)")
+    parser.add_argument("--backend", choices=("auto", "stroke", "vici"), default="auto",
+                        help="how to ask charon: stroke runs `ipsec statusall`; vici talks to its VICI "
+                             "socket, as swanctl does; auto uses VICI when the socket accepts a "
+                             "connection, else stroke (default: %(default)s)")
     parser.add_argument("--ipsec", default="ipsec", metavar="PATH",
                         help="the ipsec command to run (default: %(default)s)")
+    parser.add_argument("--vici-socket", default=DEFAULT_VICI_SOCKET, metavar="PATH",
+                        help="charon's VICI socket (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long the daemon may take to answer (default: %(default)s)")
     parser.add_argument("--lock-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long to wait for an overlapping run's lock (default: %(default)s)")
     parser.add_argument("--status-file", metavar="PATH",
-                        help="read a saved `ipsec statusall` output instead of asking the daemon")
+                        help="read a saved `ipsec statusall` output instead of asking the daemon "
+                             "(replaces --backend)")
     return parser.parse_args(argv)
+
+
+def configured_tunnels(path: str | None, daemon: Daemon) -> list[Tunnel]:
+    """ipsec.conf's tunnels. With VICI, a host configured by swanctl.conf alone may have none:
+    then the default path may be missing."""
+    if path is None:
+        path = DEFAULT_CONFIG
+        if isinstance(daemon, ViciDaemon) and not os.path.exists(path):
+            return []
+    return read_config(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    daemon = StatusFile(args.status_file) if args.status_file else StrokeDaemon(args.ipsec, args.timeout)
+    daemon = (StatusFile(args.status_file) if args.status_file
+              else choose_daemon(args.backend, args.ipsec, args.vici_socket, args.timeout))
 
     tunnels: list[Tunnel] = []
+    state = None
     error = None
     try:
-        tunnels = read_config(args.config)
-        statuses = classify(tunnels, daemon.query())
+        tunnels = configured_tunnels(args.config, daemon)
+        state = daemon.query()
+        statuses = classify(all_tunnels(tunnels, state.loaded), state)
     except (ConfigError, DaemonError) as e:
         error = str(e)
+        state = None
         statuses = unknown_statuses(tunnels)
 
-    result = RunResult(statuses, error is None, time.time(), time.monotonic() - started)
+    result = RunResult(statuses, state, time.time(), time.monotonic() - started)
     try:
         write_output(build_registry(result), args.output, args.lock_timeout)
     except OutputError as e:

@@ -11,6 +11,7 @@ Needs root, iproute2, util-linux and Debian's strongSwan packages.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -137,6 +138,12 @@ class Host:
     def charon_pid(self) -> int:
         return int(run([*self.nsenter(), "cat", "/run/charon.pid"]).strip())
 
+    @property
+    def vici_socket(self) -> str:
+        """This host's VICI socket, reachable from outside its mount namespace."""
+        assert self.process is not None
+        return f"/proc/{self.process.pid}/root/run/charon.vici"
+
     def nsenter(self) -> list[str]:
         """Command prefix that runs a command on this host, as if on the gateway itself."""
         assert self.process is not None
@@ -162,12 +169,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+_LAB_NUMBERS = itertools.count()
+
+
 @dataclass
 class Lab:
     """A gateway and its peer, joined by a veth pair (10.99.0.1 <-> 10.99.0.2)."""
 
     workdir: Path
-    tag: str = field(default_factory=lambda: f"itf{os.getpid()}")
+    # Unique per lab on this machine (interface names stay under 15 characters).
+    tag: str = field(default_factory=lambda: f"itf{os.getpid()}n{next(_LAB_NUMBERS)}")
     gateway: Host = field(init=False)
     peer: Host = field(init=False)
 
@@ -360,6 +371,156 @@ def start_states_lab(workdir: Path) -> Lab:
         lab.destroy()
         raise
     return lab
+
+
+# The same states on a gateway configured only by swanctl.conf (loaded over VICI
+# with `swanctl --load-all`); its ipsec.conf has no conn, like Debian's default.
+# The peer is the states lab's.
+SWANCTL_GATEWAY_CONF = """\
+# swanctl.conf of the lab gateway: one CHILD config for each state the collector reports
+connections {
+    gw {
+        local_addrs = 10.99.0.1
+        remote_addrs = 10.99.0.2
+        local { auth = psk
+                id = gw }
+        remote { auth = psk
+                 id = peer }
+        children {
+            net-up { local_ts = 10.1.1.0/24
+                     remote_ts = 10.2.1.0/24
+                     start_action = start }
+            # never started, under an established IKE SA
+            net-sibling { local_ts = 10.1.2.0/24
+                          remote_ts = 10.2.2.0/24 }
+        }
+    }
+    # the peer accepts this identity but no CHILD SA for it
+    gw-ike {
+        local_addrs = 10.99.0.1
+        remote_addrs = 10.99.0.2
+        local { auth = psk
+                id = gw-ike }
+        remote { auth = psk
+                 id = peer }
+        children {
+            net-refused { local_ts = 10.1.7.0/24
+                          remote_ts = 10.3.7.0/24
+                          start_action = start }
+        }
+    }
+    spare {
+        local_addrs = 10.99.0.1
+        remote_addrs = 10.99.0.2
+        local { auth = psk
+                id = gw }
+        remote { auth = psk
+                 id = peer }
+        children {
+            net-down { local_ts = 10.1.3.0/24
+                       remote_ts = 10.2.3.0/24 }
+        }
+    }
+    ondemand {
+        local_addrs = 10.99.0.1
+        remote_addrs = 10.99.0.2
+        local { auth = psk
+                id = gw }
+        remote { auth = psk
+                 id = peer }
+        children {
+            net-routed { local_ts = 10.1.10.0/24
+                         remote_ts = 10.2.10.0/24
+                         start_action = trap }
+            net-pass { local_ts = 10.1.12.0/24
+                       remote_ts = 10.2.12.0/24
+                       mode = pass
+                       start_action = trap }
+        }
+    }
+    # nobody answers at 10.99.0.3
+    lost {
+        local_addrs = 10.99.0.1
+        remote_addrs = 10.99.0.3
+        keyingtries = 0
+        local { auth = psk
+                id = gw }
+        remote { auth = psk
+                 id = peer }
+        children {
+            net-connecting { local_ts = 10.1.9.0/24
+                             remote_ts = 10.2.9.0/24
+                             start_action = start }
+        }
+    }
+}
+"""
+
+# A swanctl tunnel's IKE SA is its connection's: net-sibling is IKE-only under gw.
+SWANCTL_EXPECTED = {
+    "net-up": 0, "net-sibling": 1, "net-refused": 1, "net-down": 2, "net-routed": 2, "net-connecting": 3,
+    "net-pass": 4,
+}
+
+
+def swanctl_settled(statusall: str) -> bool:
+    return "net-up{" in statusall and "gw-ike[" in statusall and "ESTABLISHED" in statusall
+
+
+def start_swanctl_lab(workdir: Path) -> Lab:
+    """The states lab's gateway, configured through swanctl.conf and VICI alone."""
+    lab = Lab(workdir)
+    lab.create_network()
+    try:
+        lab.gateway.write_config("config setup\n", [f"10.1.{n}.1/32" for n in range(1, 13)])
+        secrets = f'secrets {{\n    ike-lab {{ secret = "{PSK}" }}\n}}\n'
+        (lab.gateway.workdir / "swanctl.conf").write_text(SWANCTL_GATEWAY_CONF + secrets)
+        lab.peer.write_config(STATES_PEER_CONF, [f"10.2.{n}.1/32" for n in range(1, 13)])
+        lab.start()
+        run([*lab.gateway.nsenter(), "swanctl", "--load-all", "--noprompt",
+             "--file", str(lab.gateway.workdir / "swanctl.conf")], timeout=30)
+        wait_for_status(lab.gateway, swanctl_settled, 30, "the swanctl lab to settle")
+    except BaseException:
+        lab.destroy()
+        raise
+    return lab
+
+
+ECHO_SERVER = """\
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 7))
+print("ready", flush=True)
+while True:
+    data, sender = s.recvfrom(65535)
+    s.sendto(data, sender)
+"""
+
+ECHO_CLIENT = """\
+import socket, sys
+local, remote, count, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((local, 0))
+s.settimeout(5)
+for _ in range(count):
+    s.sendto(b"x" * size, (remote, 7))
+    assert len(s.recv(65535)) == size
+"""
+
+
+def exchange_datagrams(lab: Lab, local: str, remote: str, count: int, size: int) -> None:
+    """Send count UDP datagrams of size bytes from the gateway's local address to an
+    echo server at the peer's remote address, through whatever tunnel covers them,
+    and wait for every echo: count packets of size + 28 bytes each way."""
+    server = subprocess.Popen(["ip", "netns", "exec", lab.peer.netns, "python3", "-c", ECHO_SERVER, remote],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "ready\n"
+        run(["ip", "netns", "exec", lab.gateway.netns, "python3", "-c", ECHO_CLIENT,
+             local, remote, str(count), str(size)], timeout=30)
+    finally:
+        server.kill()
+        server.wait()
 
 
 def scale_address(side: int, i: int) -> str:

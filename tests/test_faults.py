@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from conftest import FIXTURES, SCRIPT, require, run_collector
 from node_exporter import BINARY, scrape_once
 from promfile import by_tunnel, value
 
-STATUSALL = FIXTURES / "stroke-states" / "statusall.txt"
+STATUSALL = FIXTURES / "states" / "statusall.txt"
 
 
 def write_conf(tmp_path: Path, text: str = "conn %default\n    auto=add\nconn site\nconn sit\n") -> Path:
@@ -59,13 +60,15 @@ def executable(path: Path, script: str) -> Path:
 # ---------------------------------------------------------------- the daemon
 
 
-def test_hung_charon_times_out_and_the_file_says_so(states_lab: lab.Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["stroke", "vici"])
+def test_hung_charon_times_out_and_the_file_says_so(states_lab: lab.Lab, tmp_path: Path, backend: str) -> None:
     charon = states_lab.gateway.charon_pid()
     out = tmp_path / "ipsec.prom"
     os.kill(charon, signal.SIGSTOP)
     try:
         started = time.monotonic()
-        proc = run_collector("--output", str(out), "--timeout", "1", prefix=states_lab.gateway.nsenter())
+        proc = run_collector("--output", str(out), "--timeout", "1", "--backend", backend,
+                             prefix=states_lab.gateway.nsenter())
         elapsed = time.monotonic() - started
     finally:
         os.kill(charon, signal.SIGCONT)
@@ -74,6 +77,53 @@ def test_hung_charon_times_out_and_the_file_says_so(states_lab: lab.Lab, tmp_pat
     assert elapsed < 15  # the stuck stroke child was killed with its parent
     assert_failed_run(out)
     assert_no_temp_files(tmp_path)
+
+
+def fake_vici(path: Path, reply: bytes) -> threading.Thread:
+    """A VICI socket that accepts one client, reads its first request, sends reply and stalls."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        client, _ = server.accept()
+        client.recv(65536)
+        client.sendall(reply)
+        time.sleep(5)
+        client.close()
+        server.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(("reply", "fragment"), [
+    (b"", "did not answer within 1s"),  # silent
+    # A message header promising 100 bytes, then nothing: the vici package drops
+    # the socket timeout once a message has begun.
+    (b"\x00\x00\x00\x64\x01", "did not answer within 1s"),
+])
+def test_vici_socket_that_stalls_is_cut_off(tmp_path: Path, reply: bytes, fragment: str) -> None:
+    sock = tmp_path / "charon.vici"
+    fake_vici(sock, reply)
+    out = tmp_path / "ipsec.prom"
+    started = time.monotonic()
+    proc = run_collector("--config", str(write_conf(tmp_path)), "--output", str(out),
+                         "--backend", "vici", "--vici-socket", str(sock), "--timeout", "1")
+    assert time.monotonic() - started < 4
+    assert proc.returncode == 1
+    one_error_line(proc, fragment)
+    assert_failed_run(out)
+
+
+def test_vici_socket_missing_is_a_failed_run(tmp_path: Path) -> None:
+    out = tmp_path / "ipsec.prom"
+    proc = run_collector("--config", str(write_conf(tmp_path)), "--output", str(out),
+                         "--backend", "vici", "--vici-socket", str(tmp_path / "none.vici"))
+    assert proc.returncode == 1
+    one_error_line(proc, "cannot connect to VICI at")
+    assert_failed_run(out)
 
 
 def test_ipsec_command_not_executable(tmp_path: Path) -> None:

@@ -1,10 +1,14 @@
-"""Against a real charon: the states lab gateway, the collector run on it, node_exporter serving it."""
+"""Against a real charon: the lab gateways, the collector run on them, node_exporter serving it."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 import lab
 from conftest import require, run_collector
@@ -17,14 +21,99 @@ def collect_on_gateway(states: lab.Lab, out: Path, *more: str) -> subprocess.Com
     return run_collector("--output", str(out), *more, prefix=states.gateway.nsenter())
 
 
-def test_every_state_from_the_live_daemon(states_lab: lab.Lab, tmp_path: Path) -> None:
-    out = tmp_path / "ipsec.prom"
-    proc = collect_on_gateway(states_lab, out)
+BACKENDS = ["stroke", "vici"]
+
+
+def collect(states: lab.Lab, tmp_path: Path, backend: str) -> str:
+    out = tmp_path / f"{backend}.prom"
+    proc = collect_on_gateway(states, out, "--backend", backend)
     assert (proc.returncode, proc.stderr) == (0, "")
-    text = out.read_text()
+    return out.read_text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_state_from_the_live_daemon(states_lab: lab.Lab, tmp_path: Path, backend: str) -> None:
+    text = collect(states_lab, tmp_path, backend)
     assert by_tunnel(text, "ipsec_status") == lab.STATES_EXPECTED
     assert {t for t, v in by_tunnel(text, "ipsec_tunnel_routed").items() if v == 1} == {"routed"}
     assert value(text, "ipsec_textfile_success") == 1
+    assert samples(text)[("ipsec_daemon_info", (("backend", backend), ("version", "5.9.8")))] == 1
+
+
+# Series both backends must give alike; ages and rekey times differ in resolution.
+SAME_IN_BOTH = ["ipsec_status", "ipsec_tunnel_routed", "ipsec_installed_child_sas", "ipsec_ike_established",
+                "ipsec_in_bytes_total", "ipsec_out_bytes_total", "ipsec_in_packets_total",
+                "ipsec_out_packets_total"]
+
+
+def test_both_backends_agree_on_one_live_daemon(states_lab: lab.Lab, tmp_path: Path) -> None:
+    stroke, vici = (collect(states_lab, tmp_path, backend) for backend in BACKENDS)
+    for metric in SAME_IN_BOTH:
+        assert by_tunnel(vici, metric) == by_tunnel(stroke, metric), metric
+    assert by_tunnel(stroke, "ipsec_status") == lab.STATES_EXPECTED
+
+
+def test_auto_uses_vici_when_its_socket_answers_else_stroke(states_lab: lab.Lab, tmp_path: Path) -> None:
+    auto = collect(states_lab, tmp_path, "auto")
+    assert samples(auto)[("ipsec_daemon_info", (("backend", "vici"), ("version", "5.9.8")))] == 1
+    out = tmp_path / "fallback.prom"
+    proc = collect_on_gateway(states_lab, out, "--vici-socket", str(tmp_path / "no-such.vici"))
+    assert proc.returncode == 0
+    assert samples(out.read_text())[("ipsec_daemon_info", (("backend", "stroke"), ("version", "5.9.8")))] == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_traffic_through_a_tunnel_shows_in_its_counters(
+        states_lab: lab.Lab, tmp_path: Path, backend: str) -> None:
+    count, size = 20, 200
+    before = collect(states_lab, tmp_path, backend)
+    lab.exchange_datagrams(states_lab, "10.1.1.1", "10.2.1.1", count, size)
+    after = collect(states_lab, tmp_path, backend)
+
+    def grew(metric: str, tunnel: str) -> float:
+        return by_tunnel(after, metric)[tunnel] - by_tunnel(before, metric)[tunnel]
+
+    # Each datagram is an IP packet of size + 28 bytes, echoed back.
+    assert grew("ipsec_out_packets_total", "up") >= count
+    assert grew("ipsec_in_packets_total", "up") >= count
+    assert grew("ipsec_out_bytes_total", "up") >= count * (size + 28)
+    assert grew("ipsec_in_bytes_total", "up") >= count * (size + 28)
+    assert grew("ipsec_out_bytes_total", "a.b_c-d") == 0  # the same IKE SA, another CHILD SA
+    assert by_tunnel(after, "ipsec_installed_child_sas")["up"] == 1
+
+
+def test_ike_age_grows_between_runs(states_lab: lab.Lab, tmp_path: Path) -> None:
+    first = by_tunnel(collect(states_lab, tmp_path, "vici"), "ipsec_ike_age_seconds")
+    time.sleep(1.5)
+    second = by_tunnel(collect(states_lab, tmp_path, "vici"), "ipsec_ike_age_seconds")
+    assert set(first) == {"up", "site", "a.b_c-d", "included", "alsoconn", "ike"}
+    assert all(second[t] >= first[t] + 1 for t in first)
+    # stroke rounds down to minutes after two minutes: never younger, same set.
+    stroke = by_tunnel(collect(states_lab, tmp_path, "stroke"), "ipsec_ike_age_seconds")
+    assert set(stroke) == set(first)
+    assert all(0 < stroke[t] <= second[t] + 1 for t in stroke)
+
+
+@pytest.fixture(scope="module")
+def swanctl_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
+    """A gateway configured by swanctl.conf alone (lab.SWANCTL_GATEWAY_CONF)."""
+    require(lab.missing_tools(), "the strongSwan lab")
+    gateway = lab.start_swanctl_lab(tmp_path_factory.mktemp("swanctl"))
+    yield gateway
+    gateway.destroy()
+
+
+def test_swanctl_gateway_every_state_over_vici(swanctl_lab: lab.Lab, tmp_path: Path) -> None:
+    # Defaults: auto picks VICI; /etc/ipsec.conf has no conn, the daemon names the tunnels.
+    out = tmp_path / "ipsec.prom"
+    proc = collect_on_gateway(swanctl_lab, out)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    text = out.read_text()
+    assert by_tunnel(text, "ipsec_status") == lab.SWANCTL_EXPECTED
+    assert {t for t, v in by_tunnel(text, "ipsec_tunnel_routed").items() if v == 1} == {"net-routed"}
+    lab.exchange_datagrams(swanctl_lab, "10.1.1.1", "10.2.1.1", 3, 100)
+    assert collect_on_gateway(swanctl_lab, out).returncode == 0
+    assert by_tunnel(out.read_text(), "ipsec_out_packets_total")["net-up"] >= 3
 
 
 def test_the_daemon_is_asked_once_per_run(states_lab: lab.Lab, tmp_path: Path) -> None:
@@ -32,7 +121,8 @@ def test_the_daemon_is_asked_once_per_run(states_lab: lab.Lab, tmp_path: Path) -
     counting = tmp_path / "counting-ipsec"
     counting.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec ipsec "$@"\n')
     counting.chmod(0o755)
-    proc = collect_on_gateway(states_lab, tmp_path / "ipsec.prom", "--ipsec", str(counting))
+    proc = collect_on_gateway(states_lab, tmp_path / "ipsec.prom", "--backend", "stroke",
+                              "--ipsec", str(counting))
     assert proc.returncode == 0
     assert calls.read_text() == "statusall\n"
 

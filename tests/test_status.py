@@ -1,6 +1,10 @@
-"""`ipsec statusall` as a real charon prints it, and the status each tunnel gets from it."""
+"""The daemon's answers as a real charon gave them (stroke and VICI), and what each tunnel gets."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -8,22 +12,34 @@ import ipsec_textfile as it
 import lab
 from conftest import FIXTURES
 
-STATES = FIXTURES / "stroke-states"
+STATES = FIXTURES / "states"
+SWANCTL = FIXTURES / "swanctl"
 
 
 def states_snapshot() -> it.DaemonState:
     return it.parse_statusall((STATES / "statusall.txt").read_text())
 
 
+def vici_answer(fixture: Path) -> dict[str, Any]:
+    answer: dict[str, Any] = json.loads((fixture / "vici.json").read_text())
+    return answer
+
+
+def states_tunnels() -> list[it.Tunnel]:
+    return it.read_config(str(STATES / "etc" / "ipsec.conf"), root=str(STATES))
+
+
+def by_name(statuses: list[it.TunnelStatus]) -> dict[str, it.TunnelStatus]:
+    return {s.name: s for s in statuses}
+
+
 def test_every_tunnel_of_the_captured_lab_gets_its_status() -> None:
-    tunnels = it.read_config(str(STATES / "etc" / "ipsec.conf"), root=str(STATES))
-    statuses = {s.name: s.status for s in it.classify(tunnels, states_snapshot())}
+    statuses = {s.name: s.status for s in it.classify(states_tunnels(), states_snapshot())}
     assert statuses == lab.STATES_EXPECTED
 
 
 def test_routed_trap_is_down_but_flagged_routed() -> None:
-    tunnels = it.read_config(str(STATES / "etc" / "ipsec.conf"), root=str(STATES))
-    routed = {s.name for s in it.classify(tunnels, states_snapshot()) if s.routed}
+    routed = {s.name for s in it.classify(states_tunnels(), states_snapshot()) if s.routed}
     assert routed == {"routed"}
 
 
@@ -33,7 +49,74 @@ def test_parser_finds_ike_and_child_sas_with_their_states() -> None:
         ("up", "ESTABLISHED"), ("ike", "ESTABLISHED"), ("connecting", "CONNECTING")}
     assert {(sa.name, sa.state) for sa in snapshot.child_sas} == {
         ("up", "INSTALLED"), ("site", "INSTALLED"), ("a.b_c-d", "INSTALLED"),
-        ("included", "INSTALLED"), ("alsoconn", "INSTALLED"), ("routed", "ROUTED")}
+        ("included", "INSTALLED"), ("alsoconn", "INSTALLED")}
+    assert snapshot.routed == {"routed"}
+    carriers = {sa.uid: sa.name for sa in snapshot.ike_sas}
+    assert {carriers[c.ike_uid] for c in snapshot.child_sas} == {"up"}
+
+
+def test_stroke_traffic_counts_plural_and_singular_packets() -> None:
+    # The capture sent 5 and 1 UDP datagrams of 100 bytes (128 on the wire) each way.
+    traffic = {c.name: (c.bytes_in, c.bytes_out, c.packets_in, c.packets_out)
+               for c in states_snapshot().child_sas}
+    assert traffic["up"] == (640, 640, 5, 5)
+    assert traffic["site"] == (128, 128, 1, 1)  # "(1 pkt, ...)"
+    assert traffic["included"] == (0, 0, 0, 0)  # "0 bytes_i" with no packet count
+
+
+def test_stroke_times_in_seconds() -> None:
+    snapshot = states_snapshot()
+    text = (STATES / "statusall.txt").read_text()
+    up = next(sa for sa in snapshot.ike_sas if sa.name == "up")
+    # "ESTABLISHED 1 second ago", "reauthentication in 2 hours": stroke's units, in seconds.
+    assert f"ESTABLISHED {up.age:g} second" in text
+    assert up.next_rekey is not None and f"reauthentication in {up.next_rekey / 3600:g} hours" in text
+    assert snapshot.version == "5.9.8"
+    assert snapshot.uptime is not None and snapshot.uptime > 0
+    connecting = next(sa for sa in snapshot.ike_sas if sa.name == "connecting")
+    assert (connecting.age, connecting.next_rekey) == (None, None)
+
+
+def test_vici_answer_gives_every_ipsec_conf_tunnel_the_same_as_stroke() -> None:
+    # Both answers were taken back to back from one daemon.
+    stroke = by_name(it.classify(states_tunnels(), states_snapshot()))
+    vici_state = it.parse_vici(vici_answer(STATES))
+    vici = by_name(it.classify(it.all_tunnels(states_tunnels(), vici_state.loaded), vici_state))
+    assert {n: s.status for n, s in vici.items()} == lab.STATES_EXPECTED
+    assert {n: (s.status, s.routed) for n, s in vici.items()} == {
+        n: (s.status, s.routed) for n, s in stroke.items()}
+    for name, status in stroke.items():
+        if status.detail is not None:
+            assert vici[name].detail is not None
+            assert vici[name].detail.traffic == status.detail.traffic, name
+            assert vici[name].detail.installed_child_sas == status.detail.installed_child_sas
+
+
+def test_vici_swanctl_tunnels_come_from_the_daemon() -> None:
+    state = it.parse_vici(vici_answer(SWANCTL))
+    statuses = by_name(it.classify(it.all_tunnels([], state.loaded), state))
+    assert {n: s.status for n, s in statuses.items()} == lab.SWANCTL_EXPECTED
+    assert {n for n, s in statuses.items() if s.routed} == {"net-routed"}
+    up = statuses["net-up"].detail
+    assert up is not None and up.traffic == it.Traffic(640, 640, 5, 5)
+    assert up.ike is not None and up.ike.name == "gw" and up.ike.next_rekey is not None
+
+
+def test_vici_ike_sa_dropped_for_its_size_is_an_error_not_a_down_tunnel() -> None:
+    # charon leaves out an IKE SA whose list-sas message passes VICI's limit;
+    # stats still counts it.
+    answer = vici_answer(STATES)
+    answer["list-sas"] = [event for event in answer["list-sas"] if "up" not in event]
+    with pytest.raises(it.DaemonError, match="message size limit"):
+        it.parse_vici(answer)
+
+
+def test_ipsec_conf_tunnels_come_first_and_names_stay_unique() -> None:
+    configured = [it.Tunnel("a", "add", shunt=False, loaded=True)]
+    loaded = [it.Tunnel("b", None, shunt=False, loaded=True, ike="x"),
+              it.Tunnel("a", None, shunt=False, loaded=True, ike="y"),
+              it.Tunnel("b", None, shunt=False, loaded=True, ike="z")]
+    assert [(t.name, t.ike) for t in it.all_tunnels(configured, loaded)] == [("a", None), ("b", "x")]
 
 
 def test_names_match_exactly_not_as_prefixes() -> None:

@@ -1131,8 +1131,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ipsec-textfile",
         description=(
-            "Write the state of every IPsec tunnel in ipsec.conf (strongSwan) to a .prom file "
-            "for node_exporter's textfile collector. Asks the IKE daemon once per run."
+            "Write the state and traffic of every IPsec tunnel of a strongSwan gateway (ipsec.conf "
+            "conns, and with VICI swanctl.conf children) to a .prom file for node_exporter's "
+            "textfile collector. Asks the IKE daemon once per run."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"""\
@@ -1143,6 +1144,9 @@ ipsec_status values:
               see ipsec_tunnel_routed)
   3 unknown   any other state, or the daemon could not be asked
   4 ignored   auto=ignore (strongSwan's default), or a shunt (type=pass/drop)
+
+Traffic counters (ipsec_in_bytes_total, ...) sum the tunnel's CHILD SAs and
+restart from 0 when one is rekeyed: use rate() or increase() on them.
 
 exit status:
   {EXIT_OK}  the file was written with fresh data

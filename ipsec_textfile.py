@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import re
 import signal
@@ -865,11 +866,11 @@ class ViciDaemon:
 
 
 def choose_daemon(backend: str, ipsec: str, vici_socket: str, timeout: float) -> Daemon:
-    """auto: VICI when its socket accepts a connection, else the `ipsec` command."""
+    """auto: VICI when the vici package is there and the socket accepts a connection, else stroke."""
     vici_daemon = ViciDaemon(vici_socket, timeout)
     if backend == "vici":
         return vici_daemon
-    if backend == "auto":
+    if backend == "auto" and importlib.util.find_spec("vici") is not None:
         try:
             vici_daemon.connect().close()
             return vici_daemon
@@ -1166,8 +1167,9 @@ example cron line (/etc/cron.d/ipsec-textfile):
                         help="the .prom file to replace, or - for stdout (default: %(default)s)")
     parser.add_argument("--backend", choices=("auto", "stroke", "vici"), default="auto",
                         help="how to ask charon: stroke runs `ipsec statusall`; vici talks to its VICI "
-                             "socket, as swanctl does; auto uses VICI when the socket accepts a "
-                             "connection, else stroke (default: %(default)s)")
+                             "socket, as swanctl does; auto uses VICI when the vici package is "
+                             "installed and the socket accepts a connection, else stroke "
+                             "(default: %(default)s)")
     parser.add_argument("--ipsec", default="ipsec", metavar="PATH",
                         help="the ipsec command to run (default: %(default)s)")
     parser.add_argument("--vici-socket", default=DEFAULT_VICI_SOCKET, metavar="PATH",

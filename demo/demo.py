@@ -71,7 +71,7 @@ def install_missing() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
     subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-                   check=True, env=env, timeout=1200)
+                   check=True, env=env, timeout=1200, stdout=subprocess.DEVNULL)
 
 
 def table(served: str) -> str:

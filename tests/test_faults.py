@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import lab
-from conftest import FIXTURES, SCRIPT, require, run_collector
+from conftest import BACKENDS, FIXTURES, SCRIPT, require, run_collector
 from node_exporter import BINARY, scrape_once
 from promfile import by_tunnel, value
 
@@ -60,7 +60,7 @@ def executable(path: Path, script: str) -> Path:
 # ---------------------------------------------------------------- the daemon
 
 
-@pytest.mark.parametrize("backend", ["stroke", "vici"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_hung_charon_times_out_and_the_file_says_so(states_lab: lab.Lab, tmp_path: Path, backend: str) -> None:
     charon = states_lab.gateway.charon_pid()
     out = tmp_path / "ipsec.prom"
@@ -98,6 +98,7 @@ def fake_vici(path: Path, reply: bytes) -> threading.Thread:
     return thread
 
 
+@pytest.mark.vici
 @pytest.mark.parametrize(("reply", "fragment"), [
     (b"", "did not answer within 1s"),  # silent
     # A message header promising 100 bytes, then nothing: the vici package drops
@@ -117,6 +118,7 @@ def test_vici_socket_that_stalls_is_cut_off(tmp_path: Path, reply: bytes, fragme
     assert_failed_run(out)
 
 
+@pytest.mark.vici
 def test_vici_socket_missing_is_a_failed_run(tmp_path: Path) -> None:
     out = tmp_path / "ipsec.prom"
     proc = run_collector("--config", str(write_conf(tmp_path)), "--output", str(out),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import lab
-from conftest import require, run_collector
+from conftest import BACKENDS, require, run_collector
 from node_exporter import BINARY, scrape_once
 from promfile import by_tunnel, samples, value
 
@@ -19,9 +19,6 @@ from promfile import by_tunnel, samples, value
 def collect_on_gateway(states: lab.Lab, out: Path, *more: str) -> subprocess.CompletedProcess[str]:
     """Run the collector on the gateway with its defaults: /etc/ipsec.conf, `ipsec`."""
     return run_collector("--output", str(out), *more, prefix=states.gateway.nsenter())
-
-
-BACKENDS = ["stroke", "vici"]
 
 
 def collect(states: lab.Lab, tmp_path: Path, backend: str) -> str:
@@ -46,16 +43,21 @@ SAME_IN_BOTH = ["ipsec_status", "ipsec_tunnel_routed", "ipsec_installed_child_sa
                 "ipsec_out_packets_total"]
 
 
+@pytest.mark.vici
 def test_both_backends_agree_on_one_live_daemon(states_lab: lab.Lab, tmp_path: Path) -> None:
-    stroke, vici = (collect(states_lab, tmp_path, backend) for backend in BACKENDS)
+    stroke, vici = (collect(states_lab, tmp_path, backend) for backend in ("stroke", "vici"))
     for metric in SAME_IN_BOTH:
         assert by_tunnel(vici, metric) == by_tunnel(stroke, metric), metric
     assert by_tunnel(stroke, "ipsec_status") == lab.STATES_EXPECTED
 
 
-def test_auto_uses_vici_when_its_socket_answers_else_stroke(states_lab: lab.Lab, tmp_path: Path) -> None:
+@pytest.mark.vici
+def test_auto_uses_vici_when_its_socket_answers(states_lab: lab.Lab, tmp_path: Path) -> None:
     auto = collect(states_lab, tmp_path, "auto")
     assert samples(auto)[("ipsec_daemon_info", (("backend", "vici"), ("version", "5.9.8")))] == 1
+
+
+def test_auto_uses_stroke_without_a_vici_socket(states_lab: lab.Lab, tmp_path: Path) -> None:
     out = tmp_path / "fallback.prom"
     proc = collect_on_gateway(states_lab, out, "--vici-socket", str(tmp_path / "no-such.vici"))
     assert proc.returncode == 0
@@ -82,6 +84,7 @@ def test_traffic_through_a_tunnel_shows_in_its_counters(
     assert by_tunnel(after, "ipsec_installed_child_sas")["up"] == 1
 
 
+@pytest.mark.vici
 def test_ike_age_grows_between_runs(states_lab: lab.Lab, tmp_path: Path) -> None:
     first = by_tunnel(collect(states_lab, tmp_path, "vici"), "ipsec_ike_age_seconds")
     time.sleep(1.5)
@@ -103,6 +106,7 @@ def swanctl_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
     gateway.destroy()
 
 
+@pytest.mark.vici
 def test_swanctl_gateway_every_state_over_vici(swanctl_lab: lab.Lab, tmp_path: Path) -> None:
     # Defaults: auto picks VICI; /etc/ipsec.conf has no conn, the daemon names the tunnels.
     out = tmp_path / "ipsec.prom"

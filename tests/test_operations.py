@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import lab
-from conftest import ROOT, require, run_collector
+from conftest import BACKENDS, ROOT, require, run_collector
 from node_exporter import BINARY, NodeExporter, free_port
 from promfile import by_tunnel
 
@@ -96,7 +96,7 @@ def test_cron_entry_runs_every_minute_into_the_same_file() -> None:
     assert fields[fields.index("--output") + 1] == service[service.index("--output") + 1]
 
 
-@pytest.mark.parametrize("backend", ["stroke", "vici"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_collector_works_within_the_units_limits(states_lab: lab.Lab, tmp_path: Path, backend: str) -> None:
     # What the service's sandbox takes away and this machine can take away without systemd:
     # every capability (CapabilityBoundingSet=), new privileges, the network (PrivateNetwork=).

@@ -1,0 +1,176 @@
+"""Where gateways run it: Python 3.8 to 3.13 from PyPI, and Debian's own packages without pip.
+
+Every interpreter installs the built wheel with its dependencies in a fresh venv (pip picks
+the newest prometheus_client and filelock that support it) and runs the parser and replay
+tests; the newest also runs the real-daemon tests. Debian's /usr/bin/python3 runs them with
+python3-prometheus-client and python3-filelock only. The runs go in parallel, started by the
+first test that needs one.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import lab
+from conftest import FIXTURES, ROOT, require, run_collector
+from promfile import by_tunnel, samples
+
+VERSIONS = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+NEWEST = VERSIONS[-1]
+PARSER_AND_REPLAY = ["tests/test_config.py", "tests/test_corpus.py", "tests/test_status.py",
+                     "tests/test_properties.py", "tests/test_collector.py"]
+REAL_DAEMON = ["tests/test_lab.py"]
+DEBIAN_PYTHON = "/usr/bin/python3"
+DEBIAN_MODULES = ["prometheus_client", "filelock", "pytest", "hypothesis"]
+
+
+def interpreter(version: str) -> str | None:
+    """pythonX.Y: pyenv's newest X.Y.*, else one on PATH."""
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        root = subprocess.run([pyenv, "root"], capture_output=True, text=True, timeout=30,
+                              check=False).stdout.strip()
+        found = sorted(glob.glob(f"{root}/versions/{version}.*/bin/python{version}"))
+        if found:
+            return found[-1]
+    return shutil.which(f"python{version}")
+
+
+def run_logged(log: Path, args: list[str], env: dict[str, str] | None = None) -> int:
+    with log.open("a") as out:
+        out.write(f"$ {' '.join(args)}\n")
+        out.flush()
+        return subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                              timeout=900, check=False).returncode
+
+
+def pytest_env(bin_dir: Path) -> dict[str, str]:
+    # The script's console entry point (or its copy) first on PATH, as on a gateway.
+    return {**os.environ, "PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def pypi_run(python: str, wheel: Path, work: Path, tests: list[str]) -> tuple[int, Path]:
+    log = work / "log"
+    venv = work / "venv"
+    for step in ([python, "-m", "venv", str(venv)],
+                 [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                  str(wheel), "pytest", "hypothesis"],
+                 [str(venv / "bin" / "pip"), "list", "--disable-pip-version-check"],
+                 [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]):
+        status = run_logged(log, step, pytest_env(venv / "bin"))
+        if status != 0:
+            return status, log
+    return 0, log
+
+
+def debian_run(work: Path) -> tuple[int, Path]:
+    """No pip: Debian's python3 and packages, the script copied into place as README says."""
+    log = work / "log"
+    bin_dir = copy_installed_script(work)
+    status = run_logged(log, [DEBIAN_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              "-m", "not vici", *PARSER_AND_REPLAY, *REAL_DAEMON], pytest_env(bin_dir))
+    return status, log
+
+
+def copy_installed_script(root: Path) -> Path:
+    """`install -m 0755 ipsec_textfile.py /usr/local/bin/ipsec-textfile`, below root."""
+    bin_dir = root / "usr" / "local" / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "ipsec_textfile.py", bin_dir / "ipsec-textfile")
+    (bin_dir / "ipsec-textfile").chmod(0o755)
+    return bin_dir
+
+
+@pytest.fixture(scope="session")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future[tuple[int, Path]]]:
+    """Every run of the matrix, started at once."""
+    base = tmp_path_factory.mktemp("matrix")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
+                    "-w", str(base / "wheel"), str(ROOT)], check=True, timeout=300, capture_output=True)
+    wheel = next((base / "wheel").glob("*.whl"))
+    pool = ThreadPoolExecutor(max_workers=len(VERSIONS) + 1)
+    runs: dict[str, Future[tuple[int, Path]]] = {}
+    for version in VERSIONS:
+        python = interpreter(version)
+        if python is not None:
+            work = base / version
+            work.mkdir()
+            tests = PARSER_AND_REPLAY + (REAL_DAEMON if version == NEWEST else [])
+            runs[version] = pool.submit(pypi_run, python, wheel, work, tests)
+    if debian_modules_missing() == []:
+        (base / "debian").mkdir()
+        runs["debian"] = pool.submit(debian_run, base / "debian")
+    pool.shutdown(wait=False)
+    return runs
+
+
+def debian_modules_missing() -> list[str]:
+    if not os.path.exists(DEBIAN_PYTHON):
+        return [DEBIAN_PYTHON]
+    probe = "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] if not u.find_spec(m)))"
+    out = subprocess.run([DEBIAN_PYTHON, "-c", probe, *DEBIAN_MODULES], capture_output=True, text=True,
+                         timeout=30, check=False, cwd="/").stdout.split()
+    return [f"Debian's python3-{m.replace('_', '-')}" for m in out]
+
+
+def outcome(runs: dict[str, Future[tuple[int, Path]]], key: str) -> None:
+    status, log = runs[key].result(timeout=1200)
+    text = log.read_text()
+    assert status == 0, text[-6000:]
+    assert " passed" in text and " skipped" not in text, text[-3000:]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_python_version_from_pypi(matrix: dict[str, Future[tuple[int, Path]]], version: str) -> None:
+    require([] if version in matrix else [f"python{version}"], f"the Python {version} run")
+    outcome(matrix, version)
+
+
+def test_debian_packages_without_pip(matrix: dict[str, Future[tuple[int, Path]]]) -> None:
+    require(debian_modules_missing(), "the Debian-packages run")
+    outcome(matrix, "debian")
+
+
+def test_copied_script_on_debian_python_reports_the_lab(states_lab: lab.Lab, tmp_path: Path) -> None:
+    require(debian_modules_missing(), "the Debian-packages run")
+    script = copy_installed_script(tmp_path) / "ipsec-textfile"
+    out = tmp_path / "ipsec.prom"
+    # As cron runs it: the script's own #! line, Debian's python3 first on PATH.
+    proc = subprocess.run([*states_lab.gateway.nsenter(), "env", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                           str(script), "--output", str(out)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    text = out.read_text()
+    assert by_tunnel(text, "ipsec_status") == lab.STATES_EXPECTED
+    # No vici package there: auto asks through stroke although the VICI socket answers.
+    assert samples(text)[("ipsec_daemon_info", (("backend", "stroke"), ("version", "5.9.8")))] == 1
+
+
+def test_debian_prometheus_client_writes_what_the_newest_writes(tmp_path: Path) -> None:
+    require(debian_modules_missing(), "the Debian-packages run")
+    conf = FIXTURES / "states" / "etc" / "ipsec.conf"
+    statusall = FIXTURES / "states" / "statusall.txt"
+    args = ["--config", str(conf), "--status-file", str(statusall)]
+    debian = subprocess.run([DEBIAN_PYTHON, str(ROOT / "ipsec_textfile.py"), *args, "--output",
+                             str(tmp_path / "debian.prom")], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert debian.returncode == 0, debian.stderr
+    assert run_collector(*args, "--output", str(tmp_path / "newest.prom")).returncode == 0
+
+    def content(name: str) -> list[str]:
+        # All but the values that move with the clock.
+        moving = ("ipsec_textfile_last_run_timestamp_seconds ", "ipsec_textfile_duration_seconds ",
+                  "ipsec_daemon_uptime_seconds ")
+        return [line for line in (tmp_path / name).read_text().splitlines() if not line.startswith(moving)]
+
+    assert content("debian.prom") == content("newest.prom")
+    assert len(content("newest.prom")) > 100

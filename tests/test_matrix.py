@@ -2,8 +2,9 @@
 
 Every interpreter installs the built wheel with its dependencies in a fresh venv (pip picks
 the newest prometheus_client and filelock that support it) and runs the parser and replay
-tests; the newest also runs the real-daemon tests. Debian's /usr/bin/python3 runs them with
-python3-prometheus-client and python3-filelock only. The runs go in parallel, started by the
+tests; the newest also runs the real-daemon tests. The oldest library versions that
+distributions ship run them too, and Debian's /usr/bin/python3 runs them and the real-daemon
+tests with python3-prometheus-client and python3-filelock only. The runs go in parallel, started by the
 first test that needs one.
 """
 
@@ -28,6 +29,12 @@ NEWEST = VERSIONS[-1]
 PARSER_AND_REPLAY = ["tests/test_config.py", "tests/test_corpus.py", "tests/test_status.py",
                      "tests/test_properties.py", "tests/test_collector.py"]
 REAL_DAEMON = ["tests/test_lab.py"]
+# The oldest library versions gateways get from their distribution, installed from PyPI
+# with that distribution's Python: {run: (python, prometheus_client, filelock)}.
+OLDEST_DISTRIBUTIONS = {
+    "ubuntu-20.04": ("3.8", "0.7.1", "3.0.12"),
+    "debian-11": ("3.9", "0.9.0", "3.0.12"),
+}
 DEBIAN_PYTHON = "/usr/bin/python3"
 DEBIAN_MODULES = ["prometheus_client", "filelock", "pytest", "hypothesis"]
 
@@ -72,6 +79,22 @@ def pypi_run(python: str, wheel: Path, work: Path, tests: list[str]) -> tuple[in
     return 0, log
 
 
+def pinned_run(python: str, prometheus_client: str, filelock: str, work: Path) -> tuple[int, Path]:
+    """Those library versions from PyPI, and the script copied into place."""
+    log = work / "log"
+    venv = work / "venv"
+    bin_dir = copy_installed_script(work)
+    for step in ([python, "-m", "venv", str(venv)],
+                 [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                  f"prometheus_client=={prometheus_client}", f"filelock=={filelock}", "pytest", "hypothesis"],
+                 [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                  "-m", "not vici", *PARSER_AND_REPLAY]):
+        status = run_logged(log, step, pytest_env(bin_dir))
+        if status != 0:
+            return status, log
+    return 0, log
+
+
 def debian_run(work: Path) -> tuple[int, Path]:
     """No pip: Debian's python3 and packages, the script copied into place as README says."""
     log = work / "log"
@@ -97,7 +120,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future[tuple[i
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
                     "-w", str(base / "wheel"), str(ROOT)], check=True, timeout=300, capture_output=True)
     wheel = next((base / "wheel").glob("*.whl"))
-    pool = ThreadPoolExecutor(max_workers=len(VERSIONS) + 1)
+    pool = ThreadPoolExecutor(max_workers=len(VERSIONS) + len(OLDEST_DISTRIBUTIONS) + 1)
     runs: dict[str, Future[tuple[int, Path]]] = {}
     for version in VERSIONS:
         python = interpreter(version)
@@ -106,6 +129,11 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future[tuple[i
             work.mkdir()
             tests = PARSER_AND_REPLAY + (REAL_DAEMON if version == NEWEST else [])
             runs[version] = pool.submit(pypi_run, python, wheel, work, tests)
+    for name, (version, prometheus_client, filelock) in OLDEST_DISTRIBUTIONS.items():
+        python = interpreter(version)
+        if python is not None:
+            (base / name).mkdir()
+            runs[name] = pool.submit(pinned_run, python, prometheus_client, filelock, base / name)
     if debian_modules_missing() == []:
         (base / "debian").mkdir()
         runs["debian"] = pool.submit(debian_run, base / "debian")
@@ -133,6 +161,13 @@ def outcome(runs: dict[str, Future[tuple[int, Path]]], key: str) -> None:
 def test_python_version_from_pypi(matrix: dict[str, Future[tuple[int, Path]]], version: str) -> None:
     require([] if version in matrix else [f"python{version}"], f"the Python {version} run")
     outcome(matrix, version)
+
+
+@pytest.mark.parametrize("name", OLDEST_DISTRIBUTIONS)
+def test_oldest_distribution_libraries(matrix: dict[str, Future[tuple[int, Path]]], name: str) -> None:
+    version = OLDEST_DISTRIBUTIONS[name][0]
+    require([] if name in matrix else [f"python{version}"], f"the {name} run")
+    outcome(matrix, name)
 
 
 def test_debian_packages_without_pip(matrix: dict[str, Future[tuple[int, Path]]]) -> None:

@@ -596,15 +596,26 @@ class IkeSA:
 
 
 @dataclass(frozen=True)
+class Traffic:
+    """What one CHILD SA carried since it was installed, or a tunnel's CHILD SAs together."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(self.bytes_in + other.bytes_in, self.bytes_out + other.bytes_out,
+                       self.packets_in + other.packets_in, self.packets_out + other.packets_out)
+
+
+@dataclass(frozen=True)
 class ChildSA:
     name: str  # the CHILD config's name: an ipsec.conf conn, a swanctl.conf child
     uid: int
     state: str  # strongSwan's child_sa_state name: INSTALLED, REKEYED, ...
     ike_uid: int  # the IKE SA that carries it
-    bytes_in: int = 0
-    bytes_out: int = 0
-    packets_in: int = 0
-    packets_out: int = 0
+    traffic: Traffic = Traffic()
 
 
 @dataclass(frozen=True)
@@ -686,9 +697,9 @@ def parse_statusall(text: str) -> DaemonState:
             routed.add(name)
         elif m.start() > counts.start() and int(child_uid) not in child:
             traffic = _TRAFFIC.search(text, m.end(), end)
-            numbers = [int(n or 0) for n in traffic.groups()] if traffic else [0, 0, 0, 0]
+            b_in, p_in, b_out, p_out = (int(n or 0) for n in traffic.groups()) if traffic else (0, 0, 0, 0)
             child[int(child_uid)] = ChildSA(name, int(child_uid), sa_state, carrier,
-                                            numbers[0], numbers[2], numbers[1], numbers[3])
+                                            Traffic(b_in, b_out, p_in, p_out))
     announced = int(counts.group(1)) + int(counts.group(2))
     if len(ike) < announced:
         # A cut-off answer would make the missing tunnels look down.
@@ -770,9 +781,9 @@ def parse_vici(answer: dict[str, Any]) -> DaemonState:
             age = float(sa["established"]) if "established" in sa else None
             ike.append(IkeSA(ike_name, int(sa["uniqueid"]), sa["state"], age, min(rekeys, default=None)))
             for c in sa.get("child-sas", {}).values():
-                child.append(ChildSA(c["name"], int(c["uniqueid"]), c["state"], int(sa["uniqueid"]),
-                                     int(c.get("bytes-in", 0)), int(c.get("bytes-out", 0)),
-                                     int(c.get("packets-in", 0)), int(c.get("packets-out", 0))))
+                traffic = Traffic(*(int(c.get(k, 0)) for k in ("bytes-in", "bytes-out", "packets-in",
+                                                               "packets-out")))
+                child.append(ChildSA(c["name"], int(c["uniqueid"]), c["state"], int(sa["uniqueid"]), traffic))
     # charon drops an IKE SA from list-sas whose message would pass VICI's 512 KiB
     # limit (about 1300 CHILD SAs): its tunnels must not look down.
     counted = min(int(answer[k]["ikesas"]["total"]) for k in ("stats", "stats-after"))
@@ -883,16 +894,6 @@ def choose_daemon(backend: str, ipsec: str, vici_socket: str, timeout: float) ->
 
 
 @dataclass(frozen=True)
-class Traffic:
-    """What a tunnel's CHILD SAs carried, summed over those the daemon lists now."""
-
-    bytes_in: int = 0
-    bytes_out: int = 0
-    packets_in: int = 0
-    packets_out: int = 0
-
-
-@dataclass(frozen=True)
 class TunnelDetail:
     traffic: Traffic
     installed_child_sas: int
@@ -950,8 +951,7 @@ def classify(tunnels: Sequence[Tunnel], state: DaemonState) -> list[TunnelStatus
         carriers = [ike_by_uid[c.ike_uid] for c in installed if c.ike_uid in ike_by_uid] or named_ike
         established = [sa for sa in carriers if sa.state == "ESTABLISHED"]
         newest = min(established, key=lambda sa: sa.age if sa.age is not None else 0.0, default=None)
-        traffic = Traffic(sum(c.bytes_in for c in own_children), sum(c.bytes_out for c in own_children),
-                          sum(c.packets_in for c in own_children), sum(c.packets_out for c in own_children))
+        traffic = sum((c.traffic for c in own_children), Traffic())
         detail = TunnelDetail(traffic, len(installed), newest)
         results.append(TunnelStatus(tunnel.name, status, routed, detail))
     return results
@@ -965,6 +965,12 @@ def unknown_statuses(tunnels: Sequence[Tunnel]) -> list[TunnelStatus]:
 # ---------------------------------------------------------------- build metrics
 
 
+TRAFFIC_COUNTERS = [  # (family, what it counts, Traffic field)
+    ("ipsec_in_bytes", "Bytes received", "bytes_in"),
+    ("ipsec_out_bytes", "Bytes sent", "bytes_out"),
+    ("ipsec_in_packets", "Packets received", "packets_in"),
+    ("ipsec_out_packets", "Packets sent", "packets_out"),
+]
 IKE_SA_STATES = ("CREATED", "CONNECTING", "ESTABLISHED", "PASSIVE", "REKEYING", "REKEYED", "DELETING",
                  "DESTROYING")
 
@@ -1006,18 +1012,9 @@ def metric_families(result: RunResult) -> list[Metric]:
                                   "Seconds until the tunnel's IKE SA is rekeyed or reauthenticated, "
                                   "whichever comes first.", labels=TUNNEL)
     counters = [
-        (CounterMetricFamily("ipsec_in_bytes",
-                             "Bytes received through the tunnel, summed over its CHILD SAs; "
-                             "restarts from 0 when a CHILD SA is rekeyed.", labels=TUNNEL), "bytes_in"),
-        (CounterMetricFamily("ipsec_out_bytes",
-                             "Bytes sent through the tunnel, summed over its CHILD SAs; "
-                             "restarts from 0 when a CHILD SA is rekeyed.", labels=TUNNEL), "bytes_out"),
-        (CounterMetricFamily("ipsec_in_packets",
-                             "Packets received through the tunnel, summed over its CHILD SAs; "
-                             "restarts from 0 when a CHILD SA is rekeyed.", labels=TUNNEL), "packets_in"),
-        (CounterMetricFamily("ipsec_out_packets",
-                             "Packets sent through the tunnel, summed over its CHILD SAs; "
-                             "restarts from 0 when a CHILD SA is rekeyed.", labels=TUNNEL), "packets_out"),
+        (CounterMetricFamily(name, f"{what} through the tunnel, summed over its CHILD SAs; "
+                                   "restarts from 0 when a CHILD SA is rekeyed.", labels=TUNNEL), field_name)
+        for name, what, field_name in TRAFFIC_COUNTERS
     ]
     for tunnel in result.statuses:
         label = [tunnel.name]

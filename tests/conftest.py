@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,10 +48,15 @@ def run_collector(
     )
 
 
+def running_lab(start: Callable[[Path], lab.Lab], factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
+    """A lab from start(), for as long as the fixture that yields from this lives."""
+    require(lab.missing_tools(), "the strongSwan lab")
+    started = start(factory.mktemp("lab"))
+    yield started
+    started.destroy()
+
+
 @pytest.fixture(scope="session")
 def states_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
     """The lab whose gateway shows every ipsec_status value (see lab.STATES_GATEWAY_CONF)."""
-    require(lab.missing_tools(), "the strongSwan lab")
-    states = lab.start_states_lab(tmp_path_factory.mktemp("lab"))
-    yield states
-    states.destroy()
+    yield from running_lab(lab.start_states_lab, tmp_path_factory)

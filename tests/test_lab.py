@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import lab
-from conftest import BACKENDS, require, run_collector
+from conftest import BACKENDS, require, run_collector, running_lab
 from node_exporter import BINARY, scrape_once
 from promfile import by_tunnel, samples, value
 
@@ -100,10 +100,7 @@ def test_ike_age_grows_between_runs(states_lab: lab.Lab, tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def swanctl_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
     """A gateway configured by swanctl.conf alone (lab.SWANCTL_GATEWAY_CONF)."""
-    require(lab.missing_tools(), "the strongSwan lab")
-    gateway = lab.start_swanctl_lab(tmp_path_factory.mktemp("swanctl"))
-    yield gateway
-    gateway.destroy()
+    yield from running_lab(lab.start_swanctl_lab, tmp_path_factory)
 
 
 @pytest.mark.vici

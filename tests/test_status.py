@@ -57,11 +57,10 @@ def test_parser_finds_ike_and_child_sas_with_their_states() -> None:
 
 def test_stroke_traffic_counts_plural_and_singular_packets() -> None:
     # The capture sent 5 and 1 UDP datagrams of 100 bytes (128 on the wire) each way.
-    traffic = {c.name: (c.bytes_in, c.bytes_out, c.packets_in, c.packets_out)
-               for c in states_snapshot().child_sas}
-    assert traffic["up"] == (640, 640, 5, 5)
-    assert traffic["site"] == (128, 128, 1, 1)  # "(1 pkt, ...)"
-    assert traffic["included"] == (0, 0, 0, 0)  # "0 bytes_i" with no packet count
+    traffic = {c.name: c.traffic for c in states_snapshot().child_sas}
+    assert traffic["up"] == it.Traffic(bytes_in=640, bytes_out=640, packets_in=5, packets_out=5)
+    assert traffic["site"] == it.Traffic(128, 128, 1, 1)  # "(1 pkt, ...)"
+    assert traffic["included"] == it.Traffic()  # "0 bytes_i" with no packet count
 
 
 def test_stroke_times_in_seconds() -> None:

@@ -2,8 +2,9 @@
 """Report the health of strongSwan IPsec tunnels for node_exporter's textfile collector.
 
 One run reads ipsec.conf the way strongSwan's starter does, asks the IKE daemon
-once for the state of every SA, classifies each configured tunnel, and writes
-one .prom file atomically (temporary file + rename) under a lock.
+once for the state of every SA (StrokeDaemon: `ipsec statusall`; ViciDaemon: the
+VICI socket), classifies each tunnel, and writes one .prom file atomically
+(temporary file + rename) under a lock.
 
 The pipeline, one plain function a stage:
     read_config -> Daemon.query -> classify -> build_registry -> write_output

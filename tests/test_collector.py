@@ -59,6 +59,16 @@ def test_output_dash_prints_the_exposition(conf: Path) -> None:
     assert "# HELP ipsec_status " in proc.stdout and "# TYPE ipsec_status gauge" in proc.stdout
 
 
+def test_counters_are_counters_without_created_series(conf: Path) -> None:
+    text = replay(conf, "-").stdout
+    for name in ("ipsec_in_bytes", "ipsec_out_bytes", "ipsec_in_packets", "ipsec_out_packets"):
+        assert f"# TYPE {name}_total counter" in text or f"# TYPE {name} counter" in text
+        assert by_tunnel(text, f"{name}_total")
+    assert "_created" not in text
+    # Ignored tunnels carry their status only, no figures.
+    assert "ignored" not in by_tunnel(text, "ipsec_in_bytes_total")
+
+
 def test_file_is_world_readable_under_umask_077_and_no_temp_file_left(conf: Path, tmp_path: Path) -> None:
     out = tmp_path / "textfile" / "ipsec.prom"
     out.parent.mkdir()

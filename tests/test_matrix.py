@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,14 +41,12 @@ DEBIAN_MODULES = ["prometheus_client", "filelock", "pytest", "hypothesis"]
 
 
 def interpreter(version: str) -> str | None:
-    """pythonX.Y: pyenv's newest X.Y.*, else one on PATH."""
-    pyenv = shutil.which("pyenv")
-    if pyenv:
-        root = subprocess.run([pyenv, "root"], capture_output=True, text=True, timeout=30,
-                              check=False).stdout.strip()
-        found = sorted(glob.glob(f"{root}/versions/{version}.*/bin/python{version}"))
-        if found:
-            return found[-1]
+    """pythonX.Y: pyenv's newest X.Y.* (pyenv's root: PYENV_ROOT, by default ~/.pyenv), else one on PATH."""
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    found = sorted(glob.glob(f"{root}/versions/{version}.*/bin/python{version}"),
+                   key=lambda path: [int(n) for n in re.findall(r"\d+", path.split("/")[-3])])
+    if found:
+        return found[-1]
     return shutil.which(f"python{version}")
 
 

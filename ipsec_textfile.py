@@ -822,7 +822,13 @@ class ViciDaemon:
     timeout: float = 10.0
 
     def query(self) -> DaemonState:
-        return parse_vici(_decoded(self.ask()))
+        answer = _decoded(self.ask())
+        try:
+            return parse_vici(answer)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            # Another strongSwan version's answer, without a field this one relies on.
+            raise DaemonError(f"unexpected VICI answer from {self.socket_path}: "
+                              f"{type(e).__name__} {e}") from None
 
     def ask(self) -> dict[str, Any]:
         """The raw answers parse_vici reads, within the timeout."""

@@ -140,3 +140,12 @@ def test_truncated_output_keeps_what_arrived() -> None:
     snapshot = it.parse_statusall(cut)
     assert not any(sa.name == "included" for sa in snapshot.child_sas)
     assert any(sa.name == "site" and sa.state == "INSTALLED" for sa in snapshot.child_sas)
+
+
+def test_vici_answer_without_a_field_it_needs_is_a_daemon_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    answer = vici_answer(STATES)
+    up = next(event["up"] for event in answer["list-sas"] if "up" in event)
+    del up["uniqueid"]
+    monkeypatch.setattr(it.ViciDaemon, "ask", lambda self: answer)
+    with pytest.raises(it.DaemonError, match="unexpected VICI answer .*KeyError 'uniqueid'"):
+        it.ViciDaemon("charon.vici").query()

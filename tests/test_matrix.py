@@ -41,9 +41,13 @@ DEBIAN_MODULES = ["prometheus_client", "filelock", "pytest", "hypothesis"]
 
 
 def interpreter(version: str) -> str | None:
-    """pythonX.Y: pyenv's newest X.Y.* (pyenv's root: PYENV_ROOT, by default ~/.pyenv), else one on PATH."""
-    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
-    found = sorted(glob.glob(f"{root}/versions/{version}.*/bin/python{version}"),
+    """pythonX.Y: pyenv's newest X.Y.* (its root from `pyenv root` or PYENV_ROOT), else one on PATH."""
+    pyenv = shutil.which("pyenv")
+    root = os.environ.get("PYENV_ROOT", "")
+    if pyenv:
+        root = subprocess.run([pyenv, "root"], capture_output=True, text=True, timeout=30,
+                              check=False).stdout.strip() or root
+    found = sorted(glob.glob(f"{root}/versions/{version}.*/bin/python{version}") if root else [],
                    key=lambda path: [int(n) for n in re.findall(r"\d+", path.split("/")[-3])])
     if found:
         return found[-1]

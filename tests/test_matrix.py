@@ -68,43 +68,36 @@ def pytest_env(bin_dir: Path) -> dict[str, str]:
             "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def pypi_run(python: str, wheel: Path, work: Path, tests: list[str]) -> tuple[int, Path]:
-    log = work / "log"
-    venv = work / "venv"
-    for step in ([python, "-m", "venv", str(venv)],
-                 [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
-                  str(wheel), "pytest", "hypothesis"],
-                 [str(venv / "bin" / "pip"), "list", "--disable-pip-version-check"],
-                 [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]):
-        status = run_logged(log, step, pytest_env(venv / "bin"))
+def run_steps(log: Path, steps: list[list[str]], env: dict[str, str]) -> tuple[int, Path]:
+    """Each command in turn, all output in log; the first failure ends the run."""
+    for step in steps:
+        status = run_logged(log, step, env)
         if status != 0:
             return status, log
     return 0, log
 
 
-def pinned_run(python: str, prometheus_client: str, filelock: str, work: Path) -> tuple[int, Path]:
-    """Those library versions from PyPI, and the script copied into place."""
-    log = work / "log"
+def venv_run(python: str, work: Path, requirements: list[str], pytest_args: list[str],
+             script_dir: Path | None = None) -> tuple[int, Path]:
+    """A fresh venv with requirements and the test tools, then pytest_args in it.
+
+    script_dir: where the script was copied into place; else the venv's console script serves.
+    """
     venv = work / "venv"
-    bin_dir = copy_installed_script(work)
-    for step in ([python, "-m", "venv", str(venv)],
-                 [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
-                  f"prometheus_client=={prometheus_client}", f"filelock=={filelock}", "pytest", "hypothesis"],
-                 [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                  "-m", "not vici", *PARSER_AND_REPLAY]):
-        status = run_logged(log, step, pytest_env(bin_dir))
-        if status != 0:
-            return status, log
-    return 0, log
+    pip = [str(venv / "bin" / "pip"), "--disable-pip-version-check"]
+    return run_steps(work / "log", [
+        [python, "-m", "venv", str(venv)],
+        [*pip, "install", "-q", *requirements, "pytest", "hypothesis"],
+        [*pip, "list"],
+        [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
+    ], pytest_env(script_dir or venv / "bin"))
 
 
 def debian_run(work: Path) -> tuple[int, Path]:
     """No pip: Debian's python3 and packages, the script copied into place as README says."""
-    log = work / "log"
-    bin_dir = copy_installed_script(work)
-    status = run_logged(log, [DEBIAN_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              "-m", "not vici", *PARSER_AND_REPLAY, *REAL_DAEMON], pytest_env(bin_dir))
-    return status, log
+    return run_steps(work / "log", [[DEBIAN_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                     "-m", "not vici", *PARSER_AND_REPLAY, *REAL_DAEMON]],
+                     pytest_env(copy_installed_script(work)))
 
 
 def copy_installed_script(root: Path) -> Path:
@@ -131,12 +124,15 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future[tuple[i
             work = base / version
             work.mkdir()
             tests = PARSER_AND_REPLAY + (REAL_DAEMON if version == NEWEST else [])
-            runs[version] = pool.submit(pypi_run, python, wheel, work, tests)
+            runs[version] = pool.submit(venv_run, python, work, [str(wheel)], tests)
     for name, (version, prometheus_client, filelock) in OLDEST_DISTRIBUTIONS.items():
         python = interpreter(version)
         if python is not None:
-            (base / name).mkdir()
-            runs[name] = pool.submit(pinned_run, python, prometheus_client, filelock, base / name)
+            # Those library versions from PyPI, and the script copied into place.
+            work = base / name
+            pins = [f"prometheus_client=={prometheus_client}", f"filelock=={filelock}"]
+            runs[name] = pool.submit(venv_run, python, work, pins, ["-m", "not vici", *PARSER_AND_REPLAY],
+                                     copy_installed_script(work))
     if debian_modules_missing() == []:
         (base / "debian").mkdir()
         runs["debian"] = pool.submit(debian_run, base / "debian")

@@ -692,8 +692,8 @@ def parse_statusall(text: str) -> DaemonState:
                 continue
             age = _IKE_AGE.match(text, m.end(), end)
             rekeys = [_delta(r) for r in _IKE_REKEY.finditer(text, m.end(), end)]
-            ike[int(ike_uid)] = IkeSA(name, int(ike_uid), sa_state, _delta(age) if age else None,
-                                      min(rekeys, default=None))
+            ike[carrier] = IkeSA(name, carrier, sa_state, _delta(age) if age else None,
+                                 min(rekeys, default=None))
         elif sa_state == "ROUTED":
             routed.add(name)
         elif m.start() > counts.start() and int(child_uid) not in child:

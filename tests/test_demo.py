@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ DEMO = ROOT / "demo" / "demo.py"
 
 
 def start_demo(*args: str) -> subprocess.Popen[str]:
-    require([*lab.missing_tools(), *([] if Path("/usr/bin", BINARY).exists() else [BINARY])], "the demo")
+    require([*lab.missing_tools(), *([] if shutil.which(BINARY) else [BINARY])], "the demo")
     return subprocess.Popen([sys.executable, str(DEMO), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 

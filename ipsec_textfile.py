@@ -13,21 +13,23 @@ The pipeline, one plain function a stage:
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import glob
-import importlib.util
 import os
 import re
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Dict, Protocol
 
-from filelock import FileLock, Timeout
 from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
@@ -765,6 +767,14 @@ class StatusFile:
             raise DaemonError(f"{self.path}: {e}") from None
 
 
+class ViciUnreachable(DaemonError):
+    """Nothing accepts a connection on the VICI socket."""
+
+
+class ViciIncomplete(DaemonError):
+    """charon left an IKE SA out of list-sas (its 512 KiB message limit)."""
+
+
 _VICI_SHUNT_MODES = {"PASS", "DROP"}
 
 
@@ -789,9 +799,9 @@ def parse_vici(answer: dict[str, Any]) -> DaemonState:
     # limit (about 1300 CHILD SAs): its tunnels must not look down.
     counted = min(int(answer[k]["ikesas"]["total"]) for k in ("stats", "stats-after"))
     if len(ike) < counted:
-        raise DaemonError(
+        raise ViciIncomplete(
             f"the daemon has {counted} IKE SAs but VICI listed {len(ike)} (an IKE SA with too many "
-            "CHILD SAs passes VICI's message size limit); use --backend stroke")
+            "CHILD SAs passes VICI's message size limit)")
     loaded = [
         Tunnel(name, auto=None, shunt=c.get("mode") in _VICI_SHUNT_MODES, loaded=True, ike=conn_name)
         for event in answer["list-conns"] for conn_name, conn in event.items()
@@ -803,26 +813,216 @@ def parse_vici(answer: dict[str, Any]) -> DaemonState:
                        uptime=_uptime(answer["stats"].get("uptime", {}).get("since", "")), backend="vici")
 
 
-def _decoded(value: Any) -> Any:
-    """The vici package's answer (bytes in ordered dicts) as plain str, dict and list."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, dict):
-        return {k: _decoded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decoded(v) for v in value]
-    return value
+# charon's VICI protocol (its plugins/vici/README.md), spoken with the standard library:
+# a packet is a 4-byte big-endian length, a type byte, a name for named types, then a
+# message of elements. The decoder trusts nothing: every length is checked against what
+# arrived, and a packet past charon's own 512 KiB limit is refused before it is read.
+VICI_MAX_PACKET = 512 * 1024
+VICI_MAX_DEPTH = 32  # charon nests 4 deep; more means a corrupt stream
+_VICI_CMD_REQUEST, _VICI_CMD_RESPONSE, _VICI_CMD_UNKNOWN = 0, 1, 2
+_VICI_EVENT_REGISTER, _VICI_EVENT_UNREGISTER, _VICI_EVENT_CONFIRM, _VICI_EVENT_UNKNOWN, _VICI_EVENT = 3, 4, 5, 6, 7
+_VICI_NAMED_PACKETS = {_VICI_CMD_REQUEST, _VICI_EVENT_REGISTER, _VICI_EVENT_UNREGISTER, _VICI_EVENT}
+_VICI_SECTION_START, _VICI_SECTION_END, _VICI_KEY_VALUE = 1, 2, 3
+_VICI_LIST_START, _VICI_LIST_ITEM, _VICI_LIST_END = 4, 5, 6
+
+
+class ViciError(DaemonError):
+    """charon's VICI answer is malformed, or the socket failed mid-conversation."""
+
+
+ViciMessage = Dict[str, Any]  # str values, ViciMessage sections, lists of str
+
+
+def vici_decode(data: bytes) -> ViciMessage:
+    """One VICI message (the packet after its type and name) as dicts, lists and str."""
+    root: ViciMessage = {}
+    stack = [root]  # the open sections, innermost last
+    items: list[str] | None = None  # the open list, if any
+    pos, end = 0, len(data)
+
+    def name() -> str:
+        nonlocal pos
+        if pos >= end or pos + 1 + data[pos] > end:
+            raise ViciError("VICI message ends inside an element name")
+        length = data[pos]
+        pos += 1 + length
+        return data[pos - length : pos].decode("utf-8", "replace")
+
+    def value() -> str:
+        nonlocal pos
+        if pos + 2 > end or pos + 2 + (data[pos] << 8 | data[pos + 1]) > end:
+            raise ViciError("VICI message ends inside a value")
+        length = data[pos] << 8 | data[pos + 1]
+        pos += 2 + length
+        return data[pos - length : pos].decode("utf-8", "replace")
+
+    while pos < end:
+        kind = data[pos]
+        pos += 1
+        if items is not None:
+            if kind == _VICI_LIST_ITEM:
+                items.append(value())
+            elif kind == _VICI_LIST_END:
+                items = None
+            else:
+                raise ViciError(f"VICI element type {kind} inside a list")
+        elif kind == _VICI_KEY_VALUE:
+            key = name()
+            stack[-1][key] = value()
+        elif kind == _VICI_SECTION_START:
+            if len(stack) > VICI_MAX_DEPTH:
+                raise ViciError(f"VICI sections nested deeper than {VICI_MAX_DEPTH}")
+            section: ViciMessage = {}
+            stack[-1][name()] = section
+            stack.append(section)
+        elif kind == _VICI_SECTION_END:
+            if len(stack) == 1:
+                raise ViciError("VICI section end without a section")
+            stack.pop()
+        elif kind == _VICI_LIST_START:
+            items = []
+            stack[-1][name()] = items
+        else:
+            raise ViciError(f"VICI element type {kind} where a section's element belongs")
+    if items is not None or len(stack) > 1:
+        raise ViciError("VICI message ends inside a list or section")
+    return root
+
+
+def vici_encode(message: ViciMessage) -> bytes:
+    """A VICI message from dicts, lists and str (the inverse of vici_decode)."""
+    out = bytearray()
+
+    def put_name(key: str) -> None:
+        raw = key.encode()
+        out.append(len(raw))
+        out.extend(raw)
+
+    def put_value(text: str) -> None:
+        raw = text.encode()
+        out.extend(len(raw).to_bytes(2, "big"))
+        out.extend(raw)
+
+    def put(section: ViciMessage) -> None:
+        for key, item in section.items():
+            if isinstance(item, dict):
+                out.append(_VICI_SECTION_START)
+                put_name(key)
+                put(item)
+                out.append(_VICI_SECTION_END)
+            elif isinstance(item, list):
+                out.append(_VICI_LIST_START)
+                put_name(key)
+                for entry in item:
+                    out.append(_VICI_LIST_ITEM)
+                    put_value(entry)
+                out.append(_VICI_LIST_END)
+            else:
+                out.append(_VICI_KEY_VALUE)
+                put_name(key)
+                put_value(item)
+
+    put(message)
+    return bytes(out)
+
+
+def vici_packet(kind: int, name: str = "", message: ViciMessage | None = None) -> bytes:
+    body = bytes([kind])
+    if kind in _VICI_NAMED_PACKETS:
+        raw = name.encode()
+        body += bytes([len(raw)]) + raw
+    body += vici_encode(message or {})
+    return len(body).to_bytes(4, "big") + body
+
+
+class ViciConnection:
+    """One conversation with charon's VICI socket, every read bounded by one deadline."""
+
+    def __init__(self, sock: socket.socket, where: str, deadline: float) -> None:
+        self.sock = sock
+        self.where = where
+        self.deadline = deadline
+
+    def _read(self, size: int) -> bytes:
+        data = bytearray(size)
+        buffer = memoryview(data)
+        got = 0
+        while got < size:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout()
+            self.sock.settimeout(remaining)
+            count = self.sock.recv_into(buffer[got:])
+            if count == 0:
+                raise ViciError(f"VICI at {self.where} closed the connection in the middle of an answer")
+            got += count
+        return bytes(data)
+
+    def receive(self) -> tuple[int, str, bytes]:
+        """The next packet: its type, its name (named types) and its message bytes."""
+        length = int.from_bytes(self._read(4), "big")
+        if not 1 <= length <= VICI_MAX_PACKET:
+            raise ViciError(f"VICI at {self.where} announced a packet of {length} bytes "
+                            f"(1 to {VICI_MAX_PACKET} allowed)")
+        packet = self._read(length)
+        kind, pos, name = packet[0], 1, ""
+        if kind in _VICI_NAMED_PACKETS:
+            if length < 2 or 2 + packet[1] > length:
+                raise ViciError(f"VICI at {self.where} sent a packet cut inside its name")
+            pos = 2 + packet[1]
+            name = packet[2:pos].decode("utf-8", "replace")
+        elif kind > _VICI_EVENT:
+            raise ViciError(f"VICI at {self.where} sent a packet of unknown type {kind}")
+        return kind, name, packet[pos:]
+
+    def send(self, kind: int, name: str, message: ViciMessage | None = None) -> None:
+        self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
+        self.sock.sendall(vici_packet(kind, name, message))
+
+    def request(self, command: str, message: ViciMessage | None = None) -> ViciMessage:
+        self.send(_VICI_CMD_REQUEST, command, message)
+        return self._response(command, self.receive())
+
+    def _response(self, command: str, packet: tuple[int, str, bytes]) -> ViciMessage:
+        kind, _, body = packet
+        if kind == _VICI_CMD_UNKNOWN:
+            raise ViciError(f"charon's VICI does not know the command {command}")
+        if kind != _VICI_CMD_RESPONSE:
+            raise ViciError(f"VICI at {self.where} answered {command} with a packet of type {kind}")
+        return vici_decode(body)
+
+    def stream(self, command: str, event: str, message: ViciMessage | None = None) -> list[ViciMessage]:
+        """A command that answers with one event per item (list-sas: one per IKE SA)."""
+        self._confirm(_VICI_EVENT_REGISTER, event)
+        self.send(_VICI_CMD_REQUEST, command, message)
+        events = []
+        while True:
+            packet = self.receive()
+            if packet[0] != _VICI_EVENT:
+                break
+            if packet[1] != event:
+                raise ViciError(f"VICI at {self.where} sent event {packet[1]} during {command}")
+            events.append(vici_decode(packet[2]))
+        self._response(command, packet)
+        self._confirm(_VICI_EVENT_UNREGISTER, event)
+        return events
+
+    def _confirm(self, kind: int, event: str) -> None:
+        self.send(kind, event)
+        answer = self.receive()[0]
+        if answer != _VICI_EVENT_CONFIRM:
+            raise ViciError(f"VICI at {self.where} refused the event {event} (packet type {answer})")
 
 
 @dataclass(frozen=True)
 class ViciDaemon:
-    """charon through its VICI socket (what swanctl uses), with strongSwan's vici package."""
+    """charon through its VICI socket, as swanctl asks it; one connection per run."""
 
     socket_path: str = DEFAULT_VICI_SOCKET
     timeout: float = 10.0
 
     def query(self) -> DaemonState:
-        answer = _decoded(self.ask())
+        answer = self.ask()
         try:
             return parse_vici(answer)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
@@ -831,70 +1031,66 @@ class ViciDaemon:
                               f"{type(e).__name__} {e}") from None
 
     def ask(self) -> dict[str, Any]:
-        """The raw answers parse_vici reads, within the timeout."""
+        """The answers parse_vici reads, all within the timeout."""
+        deadline = time.monotonic() + self.timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            import vici  # strongSwan's own client; only this backend needs it
-        except ImportError:
-            raise DaemonError("the vici backend needs the Python package vici (pip install vici)") from None
-        sock = self.connect()
-        answer: dict[str, Any] = {}
-        failure: list[BaseException] = []
-
-        def converse() -> None:
+            sock.settimeout(self.timeout)
             try:
-                session = vici.Session(sock)
-                answer["version"] = session.version()
-                answer["stats"] = session.stats()
-                answer["list-sas"] = list(session.list_sas())
-                answer["stats-after"] = session.stats()
-                answer["list-policies"] = list(session.list_policies({"trap": "yes", "pass": "yes",
-                                                                      "drop": "yes"}))
-                answer["list-conns"] = list(session.list_conns())
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                failure.append(e)
-
-        # The vici package drops the socket timeout once a message starts, so the
-        # deadline is kept here: a daemon that stalls mid-answer is cut off.
-        worker = threading.Thread(target=converse, daemon=True)
-        worker.start()
-        worker.join(self.timeout)
-        try:
-            if worker.is_alive():
-                sock.shutdown(socket.SHUT_RDWR)
-                raise DaemonError(f"VICI at {self.socket_path} did not answer within {self.timeout:g}s")
+                sock.connect(self.socket_path)
+            except OSError as e:
+                raise ViciUnreachable(f"cannot connect to VICI at {self.socket_path}: "
+                                      f"{e.strerror or e}") from None
+            vici = ViciConnection(sock, self.socket_path, deadline)
+            return {
+                "version": vici.request("version"),
+                "stats": vici.request("stats"),
+                "list-sas": vici.stream("list-sas", "list-sa"),
+                "stats-after": vici.request("stats"),
+                "list-policies": vici.stream("list-policies", "list-policy",
+                                             {"trap": "yes", "pass": "yes", "drop": "yes"}),
+                "list-conns": vici.stream("list-conns", "list-conn"),
+            }
+        except socket.timeout:
+            raise DaemonError(f"VICI at {self.socket_path} did not answer within {self.timeout:g}s") from None
+        except OSError as e:
+            raise ViciError(f"VICI at {self.socket_path}: {e.strerror or e}") from None
         finally:
             sock.close()
-        if failure:
-            error = failure[0]
-            if isinstance(error, (OSError, vici.exception.SessionException,
-                                  vici.exception.CommandException, vici.exception.DeserializationException)):
-                raise DaemonError(f"VICI at {self.socket_path}: {error}") from None
-            raise error
-        return answer
 
-    def connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+
+@dataclass(frozen=True)
+class AutoDaemon:
+    """--backend auto: VICI when its socket answers, else stroke when `ipsec` exists."""
+
+    vici: ViciDaemon
+    stroke: StrokeDaemon
+
+    def query(self) -> DaemonState:
         try:
-            sock.connect(self.socket_path)
-        except OSError as e:
-            sock.close()
-            raise DaemonError(f"cannot connect to VICI at {self.socket_path}: {e.strerror or e}") from None
-        return sock
+            return self.vici.query()
+        except ViciUnreachable as e:
+            if not self._has_stroke():
+                raise DaemonError(f"no IKE daemon to ask: {e}, and no `{self.stroke.ipsec}` command "
+                                  "for stroke") from None
+        except ViciIncomplete as e:
+            if not self._has_stroke():
+                raise
+            warn(f"{e}; asked through stroke instead")
+        return self.stroke.query()
+
+    def _has_stroke(self) -> bool:
+        return shutil.which(self.stroke.ipsec) is not None
 
 
 def choose_daemon(backend: str, ipsec: str, vici_socket: str, timeout: float) -> Daemon:
-    """auto: VICI when the vici package is there and the socket accepts a connection, else stroke."""
-    vici_daemon = ViciDaemon(vici_socket, timeout)
+    stroke = StrokeDaemon(ipsec, timeout)
+    vici = ViciDaemon(vici_socket, timeout)
+    if backend == "stroke":
+        return stroke
     if backend == "vici":
-        return vici_daemon
-    if backend == "auto" and importlib.util.find_spec("vici") is not None:
-        try:
-            vici_daemon.connect().close()
-            return vici_daemon
-        except DaemonError:
-            pass
-    return StrokeDaemon(ipsec, timeout)
+        return vici
+    return AutoDaemon(vici, stroke)
 
 
 # ---------------------------------------------------------------- classify
@@ -1082,7 +1278,70 @@ def build_registry(result: RunResult) -> CollectorRegistry:
 
 
 class OutputError(Exception):
-    """The output file could not be written; it is left as it was."""
+    """The output file could not be written, or its directory is not safe to write in; the
+    file is left as it was."""
+
+
+def open_output_directory(directory: str) -> int:
+    """The textfile directory, opened once and checked; every later file operation goes
+    through this descriptor.
+
+    The job runs as root in a directory whose parent often belongs to node_exporter's
+    user (Debian: /var/lib/prometheus), who can rename the directory away and put one
+    of their own, with links in it, in its place. So the directory must not be a link,
+    must be owned by root (or by whoever runs the collector) and writable by nobody else.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise OutputError(f"directory {directory} does not exist") from None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OutputError(f"refusing to write into {directory}: it is a symbolic link or not a "
+                              "directory; point --output at the real textfile directory") from None
+        raise OutputError(f"cannot open directory {directory}: {e.strerror or e}") from None
+    info = os.fstat(fd)
+    problems = []
+    if info.st_uid not in (0, os.geteuid()):
+        problems.append(f"owned by uid {info.st_uid}")
+    if info.st_mode & 0o022:
+        problems.append(f"writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})")
+    if not os.path.isdir(f"/proc/self/fd/{fd}"):
+        problems.append("not reachable through /proc/self/fd (is /proc mounted?)")
+    if problems:
+        os.close(fd)
+        raise OutputError(
+            f"refusing to write into {directory}: it is {' and '.join(problems)}, so another user could "
+            f"redirect what this job writes; fix with: chown root:root {directory} && chmod 0755 {directory}")
+    return fd
+
+
+class LockTimeout(Exception):
+    """Another run held the lock for the whole wait."""
+
+
+@contextmanager
+def exclusive_lock(dir_fd: int, name: str, timeout: float) -> Iterator[None]:
+    """flock() on NAME in the held directory, so that overlapping runs take turns.
+
+    Opened relative to the descriptor and never through a link: filelock resolves the
+    lock's directory by name on every attempt (4.x) or follows a linked lock file with
+    O_TRUNC (3.x), either of which a swapped directory could redirect.
+    """
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout() from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 def write_output(registry: CollectorRegistry, path: str, lock_timeout: float) -> None:
@@ -1090,37 +1349,40 @@ def write_output(registry: CollectorRegistry, path: str, lock_timeout: float) ->
     if path == "-":
         sys.stdout.write(generate_latest(registry).decode("utf-8"))
         return
-    directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
-        raise OutputError(f"cannot write {path}: directory {directory} does not exist")
-    lock_path = path + ".lock"
+    directory, name = os.path.split(path)
+    if not name:
+        raise OutputError(f"--output {path} names a directory, not a file")
+    dir_fd = open_output_directory(directory or ".")
     try:
-        with FileLock(lock_path, timeout=lock_timeout):
-            _remove_stale_temp_files(path)
+        with exclusive_lock(dir_fd, name + ".lock", lock_timeout):
+            _remove_stale_temp_files(dir_fd, name)
             # node_exporter runs as its own user: the file must be world-readable
             # whatever umask cron or systemd gave this run.
             old_umask = os.umask(0o022)
             try:
-                write_to_textfile(path, registry)
+                # Through the held directory: one swapped in after the check is never written to.
+                write_to_textfile(f"/proc/self/fd/{dir_fd}/{name}", registry)
             finally:
                 os.umask(old_umask)
-                _remove_stale_temp_files(path)
-    except Timeout:
-        raise OutputError(f"another run holds the lock {lock_path} (waited {lock_timeout:g}s)") from None
+                _remove_stale_temp_files(dir_fd, name)
+    except LockTimeout:
+        raise OutputError(f"another run holds the lock {path}.lock (waited {lock_timeout:g}s)") from None
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        os.close(dir_fd)
 
 
-def _remove_stale_temp_files(path: str) -> None:
-    """write_to_textfile's temporary files (PATH.PID.TID) left by a killed run.
+def _remove_stale_temp_files(dir_fd: int, name: str) -> None:
+    """write_to_textfile's temporary files (NAME.PID.TID) left by a killed run.
 
     Only called under the lock, when no other run can be writing one.
     """
-    own = re.compile(re.escape(os.path.basename(path)) + r"\.\d+\.\d+")
-    for leftover in glob.glob(glob.escape(path) + ".*"):
-        if own.fullmatch(os.path.basename(leftover)):
+    own = re.compile(re.escape(name) + r"\.\d+\.\d+")
+    for leftover in os.listdir(dir_fd):
+        if own.fullmatch(leftover):
             try:
-                os.remove(leftover)
+                os.unlink(leftover, dir_fd=dir_fd)
             except FileNotFoundError:
                 pass
 
@@ -1188,13 +1450,13 @@ example cron line (/etc/cron.d/ipsec-textfile):
     return parser.parse_args(argv)
 
 
-def configured_tunnels(path: str | None, daemon: Daemon) -> list[Tunnel]:
-    """ipsec.conf's tunnels. With VICI, a host configured by swanctl.conf alone may have none:
-    then the default path may be missing."""
+def configured_tunnels(path: str | None) -> list[Tunnel] | None:
+    """ipsec.conf's tunnels; None when no --config was given and the default is absent,
+    as on a host configured by swanctl.conf alone (only VICI then names the tunnels)."""
     if path is None:
+        if not os.path.exists(DEFAULT_CONFIG):
+            return None
         path = DEFAULT_CONFIG
-        if isinstance(daemon, ViciDaemon) and not os.path.exists(path):
-            return []
     return read_config(path)
 
 
@@ -1204,17 +1466,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon = (StatusFile(args.status_file) if args.status_file
               else choose_daemon(args.backend, args.ipsec, args.vici_socket, args.timeout))
 
-    tunnels: list[Tunnel] = []
+    tunnels: list[Tunnel] | None = []
     state = None
     error = None
     try:
-        tunnels = configured_tunnels(args.config, daemon)
+        tunnels = configured_tunnels(args.config)
         state = daemon.query()
-        statuses = classify(all_tunnels(tunnels, state.loaded), state)
+        if tunnels is None and state.backend != "vici":
+            raise ConfigError(f"cannot read {DEFAULT_CONFIG}: No such file or directory "
+                              "(stroke knows tunnels only from it)")
+        statuses = classify(all_tunnels(tunnels or [], state.loaded), state)
     except (ConfigError, DaemonError) as e:
         error = str(e)
         state = None
-        statuses = unknown_statuses(tunnels)
+        statuses = unknown_statuses(tunnels or [])
 
     result = RunResult(statuses, state, time.time(), time.monotonic() - started)
     try:

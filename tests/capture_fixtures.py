@@ -65,7 +65,7 @@ def capture(name: str, start: Callable[[Path], lab.Lab], describe: str) -> None:
             shutil.copy(gw / "swanctl.conf", target / "swanctl.conf")
         shutil.copy(gateway_lab.peer.workdir / "ipsec.conf", target / "peer-ipsec.conf")
     (target / "statusall.txt").write_text(statusall)
-    (target / "vici.json").write_text(json.dumps(ipsec_textfile._decoded(answer), indent=1) + "\n")
+    (target / "vici.json").write_text(json.dumps(answer, indent=1) + "\n")
     sent = "".join(f"- {count} UDP datagrams of {size} bytes from {local} to an echo server at {remote}\n"
                    for local, remote, count, size in TRAFFIC[name])
     (target / "CAPTURE.md").write_text(

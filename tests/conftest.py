@@ -19,9 +19,8 @@ sys.path.insert(0, str(TESTS))
 
 import lab
 
-# The two ways to ask charon; the VICI one needs the vici package, which Debian does not
-# package: `-m "not vici"` leaves those tests out where only Debian's packages are.
-BACKENDS = ["stroke", pytest.param("vici", marks=pytest.mark.vici)]
+# The two ways to ask charon.
+BACKENDS = ["stroke", "vici"]
 
 
 def require(missing: list[str], what: str) -> None:

@@ -103,13 +103,19 @@ def test_bad_config_replaces_the_file_with_a_failed_run(tmp_path: Path) -> None:
     assert by_tunnel(text, "ipsec_status") == {}  # nothing stale left claiming health
 
 
-def test_daemon_that_cannot_be_asked_reports_no_tunnel_up(conf: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("backend", "error"), [
+    ("stroke", "command not found: {tmp}/no-such-ipsec"),
+    # auto: neither way to ask exists, and the one error names both
+    ("auto", ("no IKE daemon to ask: cannot connect to VICI at {tmp}/no.vici: No such file or directory, "
+              "and no `{tmp}/no-such-ipsec` command for stroke")),
+])
+def test_daemon_that_cannot_be_asked_reports_no_tunnel_up(
+        conf: Path, tmp_path: Path, backend: str, error: str) -> None:
     out = tmp_path / "ipsec.prom"
-    proc = run_collector("--config", str(conf), "--ipsec", str(tmp_path / "no-such-ipsec"),
-                         "--output", str(out))
+    proc = run_collector("--config", str(conf), "--backend", backend, "--ipsec", str(tmp_path / "no-such-ipsec"),
+                         "--vici-socket", str(tmp_path / "no.vici"), "--output", str(out))
     assert proc.returncode == 1
-    assert proc.stderr.startswith("ipsec-textfile: error: command not found: ")
-    assert len(proc.stderr.splitlines()) == 1
+    assert proc.stderr == "ipsec-textfile: error: " + error.format(tmp=tmp_path) + "\n"
     text = out.read_text()
     assert value(text, "ipsec_textfile_success") == 0
     assert by_tunnel(text, "ipsec_status") == {

@@ -44,7 +44,6 @@ SAME_IN_BOTH = ["ipsec_status", "ipsec_tunnel_routed", "ipsec_installed_child_sa
                 "ipsec_out_packets_total"]
 
 
-@pytest.mark.vici
 def test_both_backends_agree_on_one_live_daemon(states_lab: lab.Lab, tmp_path: Path) -> None:
     stroke, vici = (collect(states_lab, tmp_path, backend) for backend in ("stroke", "vici"))
     for metric in SAME_IN_BOTH:
@@ -52,7 +51,6 @@ def test_both_backends_agree_on_one_live_daemon(states_lab: lab.Lab, tmp_path: P
     assert by_tunnel(stroke, "ipsec_status") == lab.STATES_EXPECTED
 
 
-@pytest.mark.vici
 def test_auto_uses_vici_when_its_socket_answers(states_lab: lab.Lab, tmp_path: Path) -> None:
     auto = collect(states_lab, tmp_path, "auto")
     assert samples(auto)[("ipsec_daemon_info", (("backend", "vici"), ("version", "5.9.8")))] == 1
@@ -105,7 +103,6 @@ def test_a_rekeyed_child_sa_keeps_the_tunnel_up_and_restarts_its_counters(
         before, "ipsec_out_packets_total")["alsoconn"]
 
 
-@pytest.mark.vici
 def test_ike_age_grows_between_runs(states_lab: lab.Lab, tmp_path: Path) -> None:
     first = by_tunnel(collect(states_lab, tmp_path, "vici"), "ipsec_ike_age_seconds")
     time.sleep(1.5)
@@ -124,7 +121,6 @@ def swanctl_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
     yield from running_lab(lab.start_swanctl_lab, tmp_path_factory)
 
 
-@pytest.mark.vici
 def test_swanctl_gateway_every_state_over_vici(swanctl_lab: lab.Lab, tmp_path: Path) -> None:
     # Defaults: auto picks VICI; /etc/ipsec.conf has no conn, the daemon names the tunnels.
     out = tmp_path / "ipsec.prom"

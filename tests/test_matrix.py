@@ -28,7 +28,7 @@ from promfile import by_tunnel, samples
 VERSIONS = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
 NEWEST = VERSIONS[-1]
 PARSER_AND_REPLAY = ["tests/test_config.py", "tests/test_corpus.py", "tests/test_status.py",
-                     "tests/test_properties.py", "tests/test_collector.py"]
+                     "tests/test_properties.py", "tests/test_collector.py", "tests/test_security.py"]
 REAL_DAEMON = ["tests/test_lab.py"]
 # The oldest library versions gateways get from their distribution, installed from PyPI
 # with that distribution's Python: {run: (python, prometheus_client, filelock)}.
@@ -96,7 +96,7 @@ def venv_run(python: str, work: Path, requirements: list[str], pytest_args: list
 def debian_run(work: Path) -> tuple[int, Path]:
     """No pip: Debian's python3 and packages, the script copied into place as README says."""
     return run_steps(work / "log", [[DEBIAN_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                     "-m", "not vici", *PARSER_AND_REPLAY, *REAL_DAEMON]],
+                                     *PARSER_AND_REPLAY, *REAL_DAEMON]],
                      pytest_env(copy_installed_script(work)))
 
 
@@ -131,7 +131,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future[tuple[i
             # Those library versions from PyPI, and the script copied into place.
             work = base / name
             pins = [f"prometheus_client=={prometheus_client}", f"filelock=={filelock}"]
-            runs[name] = pool.submit(venv_run, python, work, pins, ["-m", "not vici", *PARSER_AND_REPLAY],
+            runs[name] = pool.submit(venv_run, python, work, pins, PARSER_AND_REPLAY,
                                      copy_installed_script(work))
     if debian_modules_missing() == []:
         (base / "debian").mkdir()
@@ -185,8 +185,8 @@ def test_copied_script_on_debian_python_reports_the_lab(states_lab: lab.Lab, tmp
     assert (proc.returncode, proc.stderr) == (0, "")
     text = out.read_text()
     assert by_tunnel(text, "ipsec_status") == lab.STATES_EXPECTED
-    # No vici package there: auto asks through stroke although the VICI socket answers.
-    assert samples(text)[("ipsec_daemon_info", (("backend", "stroke"), ("version", "5.9.8")))] == 1
+    # Debian's packages alone: auto asks charon over VICI, spoken with the standard library.
+    assert samples(text)[("ipsec_daemon_info", (("backend", "vici"), ("version", "5.9.8")))] == 1
 
 
 def test_debian_prometheus_client_writes_what_the_newest_writes(tmp_path: Path) -> None:

@@ -1,0 +1,189 @@
+"""The built-in VICI client: what strongSwan's own client reads, and nothing worse on bad input.
+
+On the live daemon its answers must equal those of strongSwan's `vici` package (a test-only
+dependency); against a fake socket, any stream of bytes ends as a DaemonError (a failed run),
+never a hang or another exception.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ipsec_textfile as it
+import lab
+from conftest import FIXTURES
+
+# Fields that move between two queries of one daemon: clocks and traffic.
+MOVING = {"established", "rekey-time", "reauth-time", "life-time", "install-time", "bytes-in", "bytes-out",
+          "packets-in", "packets-out", "use-in", "use-out"}
+
+
+def plain(value: Any) -> Any:
+    """The vici package's answer (bytes in ordered dicts) as str, dict and list, moving fields out."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else k.decode(): plain(v) for k, v in value.items() if k not in MOVING}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def reference_answer(socket_path: str) -> dict[str, Any]:
+    """The same queries through strongSwan's own Python client."""
+    vici = pytest.importorskip("vici")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(socket_path)
+    try:
+        session = vici.Session(sock)
+        return {
+            "version": session.version(),
+            "list-sas": list(session.list_sas()),
+            "list-policies": list(session.list_policies({"trap": "yes", "pass": "yes", "drop": "yes"})),
+            "list-conns": list(session.list_conns()),
+        }
+    finally:
+        sock.close()
+
+
+def test_live_answers_equal_strongswans_own_client(states_lab: lab.Lab) -> None:
+    ours = it.ViciDaemon(states_lab.gateway.vici_socket).ask()
+    theirs = reference_answer(states_lab.gateway.vici_socket)
+    for command, answer in theirs.items():
+        assert plain(ours[command]) == plain(answer), command
+    assert len(ours["list-sas"]) >= 3 and ours["version"]["version"] == "5.9.8"
+    # stats has the same shape (its figures move)
+    assert set(ours["stats"]) == set(ours["stats-after"]) >= {"uptime", "ikesas", "workers"}
+
+
+def fixture_answers() -> list[dict[str, Any]]:
+    return [json.loads((FIXTURES / name / "vici.json").read_text()) for name in ("states", "swanctl")]
+
+
+def fixture_messages() -> list[it.ViciMessage]:
+    """Every message a real charon sent in the captured conversations."""
+    messages = []
+    for answer in fixture_answers():
+        for part in answer.values():
+            messages.extend(part if isinstance(part, list) else [part])
+    return messages
+
+
+def test_every_captured_message_survives_encoding_and_decoding() -> None:
+    messages = fixture_messages()
+    assert len(messages) > 10
+    for message in messages:
+        assert it.vici_decode(it.vici_encode(message)) == message
+
+
+@pytest.mark.parametrize(("data", "why"), [
+    (b"\x03\x03key\x00\x05val", "ends inside a value"),  # short value
+    (b"\x03\x09key", "ends inside an element name"),
+    (b"\x01\x01a\x03\x01k\x00\x01v", "ends inside a list or section"),  # section never closed
+    (b"\x02", "section end without a section"),
+    (b"\x05\x00\x01v", "element type 5 where"),  # list item outside a list
+    (b"\x04\x01l\x03\x01k\x00\x01v\x06", "element type 3 inside a list"),
+    (b"\x09", "element type 9"),
+    (b"\x01\x01a" * 40 + b"\x02" * 40, "nested deeper than 32"),
+])
+def test_malformed_messages_are_refused(data: bytes, why: str) -> None:
+    with pytest.raises(it.ViciError, match=why):
+        it.vici_decode(data)
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_decode_or_raise_vici_error(data: bytes) -> None:
+    try:
+        assert isinstance(it.vici_decode(data), dict)
+    except it.ViciError:
+        pass
+
+
+@given(st.sampled_from(fixture_messages()), st.data())
+def test_mutated_real_messages_decode_or_raise_vici_error(message: it.ViciMessage, data: st.DataObject) -> None:
+    raw = bytearray(it.vici_encode(message))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, max(0, len(raw) - 1)))
+        action = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if action == "flip" and raw:
+            raw[at] = data.draw(st.integers(0, 255))
+        elif action == "cut":
+            del raw[at:]
+        else:
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+    try:
+        it.vici_decode(bytes(raw))
+    except it.ViciError:
+        pass
+
+
+class FakeCharon:
+    """A VICI socket that answers every packet it gets with the same bytes, then stalls."""
+
+    def __init__(self, path: Path, reply: bytes) -> None:
+        self.reply = reply
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(1)
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        try:
+            client, _ = self.server.accept()
+            with client:
+                while client.recv(65536):
+                    client.sendall(self.reply)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def packet(kind: int, body: bytes = b"", name: str = "") -> bytes:
+    named = bytes([len(name)]) + name.encode() if name else b""
+    payload = bytes([kind]) + named + body
+    return len(payload).to_bytes(4, "big") + payload
+
+
+@pytest.mark.parametrize(("reply", "why"), [
+    (b"\x00\x10\x00\x00", "announced a packet of 1048576 bytes"),  # past charon's 512 KiB
+    (b"\x00\x00\x00\x00", "announced a packet of 0 bytes"),
+    (packet(1, b"\x07\x00"), "element type 7"),
+    (packet(9), "unknown type 9"),
+    (packet(2), "does not know the command version"),
+    (packet(7, name="list-sa"), "answered version with a packet of type 7"),
+    (b"\x00\x00\x00\x10\x01", "did not answer within 1s"),  # stalls mid-packet
+    (b"", "did not answer within 1s"),  # silent
+])
+def test_a_bad_daemon_is_a_daemon_error(tmp_path: Path, reply: bytes, why: str) -> None:
+    fake = FakeCharon(tmp_path / "charon.vici", reply)
+    try:
+        started = time.monotonic()
+        with pytest.raises(it.DaemonError, match=why):
+            it.ViciDaemon(str(tmp_path / "charon.vici"), timeout=1).query()
+        assert time.monotonic() - started < 3
+    finally:
+        fake.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(reply=st.binary(max_size=64))
+def test_any_reply_from_the_socket_is_a_daemon_error(tmp_path: Path, reply: bytes) -> None:
+    path = tmp_path / f"charon-{time.monotonic_ns()}.vici"
+    fake = FakeCharon(path, reply)
+    try:
+        with pytest.raises(it.DaemonError):
+            it.ViciDaemon(str(path), timeout=0.2).query()
+    finally:
+        fake.close()
+        path.unlink()

@@ -640,7 +640,8 @@ class Daemon(Protocol):
 
 _DELTA_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _DELTA = r"(\d+) (second|minute|hour|day)s?"
-_STATUS_HEADER = re.compile(r"^Status of IKE charon daemon \(strongSwan ([^,)]*)", re.MULTILINE)
+# "weakSwan" is the build's name when aggressive-mode PSK is forced.
+_STATUS_HEADER = re.compile(r"^Status of IKE charon daemon \((?:strong|weak)Swan ([^,)]*)", re.MULTILINE)
 _SINCE = re.compile(r"^  uptime: [^\n]*, since ([A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4})$", re.MULTILINE)
 _SA_COUNTS = re.compile(r"^Security Associations \((\d+) up, (\d+) connecting\):", re.MULTILINE)
 # The line that opens each SA: "   name[3]: ESTABLISHED 5 minutes ago, ..." (IKE SA) or
@@ -679,7 +680,9 @@ def parse_statusall(text: str) -> DaemonState:
     if counts is None:
         raise DaemonError("the output has no 'Security Associations' section: truncated?")
     ike: dict[int, IkeSA] = {}
-    child: dict[int, ChildSA] = {}
+    # Before 5.3, stroke numbered CHILD SAs by reqid: a CHILD SA being rekeyed and its
+    # successor share one {N}, listed one after the other. Every opening line is one SA.
+    child: list[ChildSA] = []
     routed = set()
     carrier = -1  # the IKE SA listed last, which carries the CHILD SAs listed after it
     matches = list(_SA_STATE.finditer(text))
@@ -698,17 +701,16 @@ def parse_statusall(text: str) -> DaemonState:
                                  min(rekeys, default=None))
         elif sa_state == "ROUTED":
             routed.add(name)
-        elif m.start() > counts.start() and int(child_uid) not in child:
+        elif m.start() > counts.start():
             traffic = _TRAFFIC.search(text, m.end(), end)
             b_in, p_in, b_out, p_out = (int(n or 0) for n in traffic.groups()) if traffic else (0, 0, 0, 0)
-            child[int(child_uid)] = ChildSA(name, int(child_uid), sa_state, carrier,
-                                            Traffic(b_in, b_out, p_in, p_out))
+            child.append(ChildSA(name, int(child_uid), sa_state, carrier, Traffic(b_in, b_out, p_in, p_out)))
     announced = int(counts.group(1)) + int(counts.group(2))
     if len(ike) < announced:
         # A cut-off answer would make the missing tunnels look down.
         raise DaemonError(f"the daemon announced {announced} IKE SAs but listed {len(ike)}: truncated?")
     since = _SINCE.search(text)
-    return DaemonState(list(ike.values()), list(child.values()), routed, version=header.group(1),
+    return DaemonState(list(ike.values()), child, routed, version=header.group(1),
                        uptime=_uptime(since.group(1)) if since else None, backend="stroke")
 
 

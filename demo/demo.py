@@ -42,7 +42,7 @@ PACKAGES = {
     "/usr/sbin/ip": "iproute2",
     "/usr/bin/nsenter": "util-linux",
 }
-PYTHON_PACKAGES = {"prometheus_client": "python3-prometheus-client", "filelock": "python3-filelock"}
+PYTHON_PACKAGES = {"prometheus_client": "python3-prometheus-client"}
 
 STATUS_WORDS = {0: "up", 1: "IKE only", 2: "down", 3: "unknown", 4: "ignored"}
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Capture the daemon-answer fixtures from a real charon (root; Debian's strongSwan).
 
-    sudo python3 tests/capture_fixtures.py
+    sudo python3 tests/capture_fixtures.py [NAME ...]
 
 Brings up the two gateway labs of tests/lab.py, sends traffic through two of
 their tunnels, then asks each gateway's charon back to back, once through
@@ -10,6 +10,8 @@ that produced them:
 
     tests/fixtures/states/      ipsec.conf gateway (lab.start_states_lab)
     tests/fixtures/swanctl/     swanctl.conf gateway (lab.start_swanctl_lab)
+    tests/fixtures/rekeyed/     an IKEv1 tunnel whose rekeyed CHILD SA is still listed
+                                (lab.start_rekey_lab)
         statusall.txt           `ipsec statusall` output
         vici.json               the VICI answers ipsec_textfile.ViciDaemon.ask() collects
                                 (version, stats, list-sas, stats-after, list-policies,
@@ -17,6 +19,8 @@ that produced them:
         etc/...                 the gateway's /etc/ipsec.conf and what it includes
         swanctl.conf            what `swanctl --load-all --file` loaded (swanctl only)
         peer-ipsec.conf         the peer's /etc/ipsec.conf
+        statusall-before-5.3.txt  rekeyed/ only: statusall.txt with each CHILD SA
+                                numbered by its reqid, as stroke before strongSwan 5.3 did
         CAPTURE.md              command, versions, date, traffic sent
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -42,6 +47,7 @@ import lab
 TRAFFIC = {
     "states": [("10.1.1.1", "10.2.1.1", 5, 100), ("10.1.2.1", "10.2.2.1", 1, 100)],
     "swanctl": [("10.1.1.1", "10.2.1.1", 5, 100)],
+    "rekeyed": [("10.1.1.1", "10.2.1.1", 2, 100)],
 }
 
 
@@ -65,6 +71,8 @@ def capture(name: str, start: Callable[[Path], lab.Lab], describe: str) -> None:
             shutil.copy(gw / "swanctl.conf", target / "swanctl.conf")
         shutil.copy(gateway_lab.peer.workdir / "ipsec.conf", target / "peer-ipsec.conf")
     (target / "statusall.txt").write_text(statusall)
+    if name == "rekeyed":
+        (target / "statusall-before-5.3.txt").write_text(numbered_by_reqid(statusall))
     (target / "vici.json").write_text(json.dumps(answer, indent=1) + "\n")
     sent = "".join(f"- {count} UDP datagrams of {size} bytes from {local} to an echo server at {remote}\n"
                    for local, remote, count, size in TRAFFIC[name])
@@ -83,14 +91,35 @@ def capture(name: str, start: Callable[[Path], lab.Lab], describe: str) -> None:
     print(f"wrote {target}")
 
 
+def numbered_by_reqid(statusall: str) -> str:
+    """stroke's output as before strongSwan 5.3, which printed a CHILD SA's reqid in {N}
+    where later versions print its unique id; nothing else differs in these lines."""
+    reqids = dict(re.findall(r"\{(\d+)\}:  [A-Z]+, [A-Z_]+, reqid (\d+)", statusall))
+    return re.sub(r"\{(\d+)\}:", lambda m: "{" + reqids.get(m.group(1), m.group(1)) + "}:", statusall)
+
+
+CAPTURES: dict[str, tuple[Callable[[Path], lab.Lab], str]] = {
+    "states": (lab.start_states_lab,
+               ("The gateway read `etc/ipsec.conf` as /etc/ipsec.conf and `etc/ipsec.d/included.conf`\n"
+               "as /etc/ipsec.d/included.conf. What each tunnel must report is `lab.STATES_EXPECTED`.")),
+    "swanctl": (lab.start_swanctl_lab,
+                ("The gateway's /etc/ipsec.conf (`etc/ipsec.conf`) has no conn; its tunnels come from\n"
+                "`swanctl.conf`, loaded with `swanctl --load-all --file`. What each tunnel must report\n"
+                "is `lab.SWANCTL_EXPECTED`.")),
+    "rekeyed": (lab.start_rekey_lab,
+                ("The gateway's tunnel v1 (IKEv1, `etc/ipsec.conf`) carried 3 datagrams, was rekeyed with\n"
+                "`swanctl --rekey --child v1`; IKEv1 keeps the old CHILD SA (REKEYED) until it expires,\n"
+                "so both are listed. `statusall-before-5.3.txt` is `statusall.txt` with each CHILD SA's\n"
+                "{unique id} replaced by its reqid (`numbered_by_reqid`), which is how stroke numbered\n"
+                "CHILD SAs before strongSwan 5.3: the pair then shares one {N}.")),
+}
+
+
 def main() -> None:
-    capture("states", lab.start_states_lab,
-            "The gateway read `etc/ipsec.conf` as /etc/ipsec.conf and `etc/ipsec.d/included.conf`\n"
-            "as /etc/ipsec.d/included.conf. What each tunnel must report is `lab.STATES_EXPECTED`.")
-    capture("swanctl", lab.start_swanctl_lab,
-            "The gateway's /etc/ipsec.conf (`etc/ipsec.conf`) has no conn; its tunnels come from\n"
-            "`swanctl.conf`, loaded with `swanctl --load-all --file`. What each tunnel must report\n"
-            "is `lab.SWANCTL_EXPECTED`.")
+    """`capture_fixtures.py [NAME ...]`: those fixtures, or all of them."""
+    for name in sys.argv[1:] or CAPTURES:
+        start, describe = CAPTURES[name]
+        capture(name, start, describe)
 
 
 if __name__ == "__main__":

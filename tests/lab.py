@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -566,3 +567,45 @@ conn %default
     rightid={peer}
     auto={auto}
 """
+
+
+# IKEv1 keeps a rekeyed CHILD SA until it expires (charon.delete_rekeyed is off by default),
+# so the old and the new CHILD SA of one conn are listed together: the overlap that stroke
+# before strongSwan 5.3 showed under one {reqid}.
+REKEY_CONF = """\
+conn %default
+    keyexchange=ikev1
+    authby=secret
+    left={left}
+    right={right}
+    leftid={id}
+    rightid={peer}
+    leftsubnet={left_net}
+    rightsubnet={right_net}
+    auto={auto}
+
+conn v1
+"""
+
+
+def start_rekey_lab(workdir: Path) -> Lab:
+    """A gateway whose IKEv1 tunnel v1 carried traffic, was rekeyed, and lists both CHILD SAs."""
+    lab = Lab(workdir)
+    lab.create_network()
+    try:
+        lab.gateway.write_config(REKEY_CONF.format(left="10.99.0.1", right="10.99.0.2", id="gw", peer="peer",
+                                                   left_net="10.1.1.0/24", right_net="10.2.1.0/24",
+                                                   auto="start"), ["10.1.1.1/32"])
+        lab.peer.write_config(REKEY_CONF.format(left="10.99.0.2", right="10.99.0.1", id="peer", peer="gw",
+                                                left_net="10.2.1.0/24", right_net="10.1.1.0/24",
+                                                auto="add"), ["10.2.1.1/32"])
+        lab.start()
+        wait_for_status(lab.gateway, lambda s: "v1{" in s and "INSTALLED" in s, 30, "v1 to come up")
+        exchange_datagrams(lab, "10.1.1.1", "10.2.1.1", 3, 100)
+        run([*lab.gateway.nsenter(), "swanctl", "--rekey", "--child", "v1"], timeout=30)
+        wait_for_status(lab.gateway, lambda s: len(re.findall(r"v1\{\d+\}:  [A-Z]+,", s)) == 2
+                        and ":  INSTALLED," in s, 30, "v1's old and new CHILD SA to be listed")
+    except BaseException:
+        lab.destroy()
+        raise
+    return lab

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
@@ -9,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from conftest import FIXTURES, require, run_collector
 from promfile import by_tunnel, value
@@ -81,8 +81,12 @@ def test_file_is_world_readable_under_umask_077_and_no_temp_file_left(conf: Path
 def test_a_run_that_cannot_get_the_lock_leaves_the_file_alone(conf: Path, tmp_path: Path) -> None:
     out = tmp_path / "ipsec.prom"
     out.write_text("previous\n")
-    with FileLock(str(out) + ".lock"):
+    lock = os.open(str(out) + ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as an overlapping run holds it
         proc = replay(conf, str(out), "--lock-timeout", "0.5")
+    finally:
+        os.close(lock)
     assert proc.returncode == 3
     assert f"{out}.lock" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert out.read_text() == "previous\n"

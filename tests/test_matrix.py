@@ -1,10 +1,10 @@
 """Where gateways run it: Python 3.8 to 3.13 from PyPI, and Debian's own packages without pip.
 
 Every interpreter installs the built wheel with its dependencies in a fresh venv (pip picks
-the newest prometheus_client and filelock that support it) and runs the parser and replay
+the newest prometheus_client that supports it) and runs the parser and replay
 tests; the newest also runs the real-daemon tests. The oldest library versions that
 distributions ship run them too, and Debian's /usr/bin/python3 runs them and the real-daemon
-tests with python3-prometheus-client and python3-filelock only. The runs go in parallel, started by the
+tests with python3-prometheus-client only. The runs go in parallel, started by the
 first test that needs one.
 """
 
@@ -31,13 +31,13 @@ PARSER_AND_REPLAY = ["tests/test_config.py", "tests/test_corpus.py", "tests/test
                      "tests/test_properties.py", "tests/test_collector.py", "tests/test_security.py"]
 REAL_DAEMON = ["tests/test_lab.py"]
 # The oldest library versions gateways get from their distribution, installed from PyPI
-# with that distribution's Python: {run: (python, prometheus_client, filelock)}.
+# with that distribution's Python: {run: (python, prometheus_client)}.
 OLDEST_DISTRIBUTIONS = {
-    "ubuntu-20.04": ("3.8", "0.7.1", "3.0.12"),
-    "debian-11": ("3.9", "0.9.0", "3.0.12"),
+    "ubuntu-20.04": ("3.8", "0.7.1"),
+    "debian-11": ("3.9", "0.9.0"),
 }
 DEBIAN_PYTHON = "/usr/bin/python3"
-DEBIAN_MODULES = ["prometheus_client", "filelock", "pytest", "hypothesis"]
+DEBIAN_MODULES = ["prometheus_client", "pytest", "hypothesis"]
 
 
 def interpreter(version: str) -> str | None:
@@ -125,14 +125,13 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future[tuple[i
             work.mkdir()
             tests = PARSER_AND_REPLAY + (REAL_DAEMON if version == NEWEST else [])
             runs[version] = pool.submit(venv_run, python, work, [str(wheel)], tests)
-    for name, (version, prometheus_client, filelock) in OLDEST_DISTRIBUTIONS.items():
+    for name, (version, prometheus_client) in OLDEST_DISTRIBUTIONS.items():
         python = interpreter(version)
         if python is not None:
             # Those library versions from PyPI, and the script copied into place.
             work = base / name
-            pins = [f"prometheus_client=={prometheus_client}", f"filelock=={filelock}"]
-            runs[name] = pool.submit(venv_run, python, work, pins, PARSER_AND_REPLAY,
-                                     copy_installed_script(work))
+            runs[name] = pool.submit(venv_run, python, work, [f"prometheus_client=={prometheus_client}"],
+                                     PARSER_AND_REPLAY, copy_installed_script(work))
     if debian_modules_missing() == []:
         (base / "debian").mkdir()
         runs["debian"] = pool.submit(debian_run, base / "debian")

@@ -149,3 +149,32 @@ def test_vici_answer_without_a_field_it_needs_is_a_daemon_error(monkeypatch: pyt
     monkeypatch.setattr(it.ViciDaemon, "ask", lambda self: answer)
     with pytest.raises(it.DaemonError, match="unexpected VICI answer .*KeyError 'uniqueid'"):
         it.ViciDaemon("charon.vici").query()
+
+
+REKEYED = FIXTURES / "rekeyed"
+
+
+@pytest.mark.parametrize("capture", ["statusall.txt", "statusall-before-5.3.txt"])
+def test_a_tunnel_whose_child_sa_is_being_rekeyed_is_up_with_both_sas_counted(capture: str) -> None:
+    # The old CHILD SA (REKEYED) and its INSTALLED successor, listed one after the other;
+    # before strongSwan 5.3 both carry the same {reqid}.
+    text = (REKEYED / capture).read_text()
+    snapshot = it.parse_statusall(text)
+    assert sorted(c.state for c in snapshot.child_sas) == ["INSTALLED", "REKEYED"]
+    assert len({c.uid for c in snapshot.child_sas}) == (1 if "before-5.3" in capture else 2)
+    (status,) = it.classify(it.read_config(str(REKEYED / "etc" / "ipsec.conf")), snapshot)
+    assert (status.name, status.status) == ("v1", it.STATUS_UP)
+    assert status.detail is not None and status.detail.installed_child_sas == 1
+    # The capture sent 2 datagrams of 100 bytes through the new SA after the rekey.
+    assert status.detail.traffic == sum((c.traffic for c in snapshot.child_sas), it.Traffic())
+    assert status.detail.traffic == it.Traffic(256, 256, 2, 2)
+
+
+def test_a_weakswan_build_is_read_like_strongswan() -> None:
+    # The build's name when aggressive-mode PSK is forced; nothing else changes.
+    text = (STATES / "statusall.txt").read_text()
+    weak = text.replace("charon daemon (strongSwan 5.9.8", "charon daemon (weakSwan 5.9.8", 1)
+    assert weak != text
+    snapshot = it.parse_statusall(weak)
+    assert snapshot.version == "5.9.8"
+    assert {s.name: s.status for s in it.classify(states_tunnels(), snapshot)} == lab.STATES_EXPECTED

@@ -7,6 +7,7 @@ never a hang or another exception.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import threading
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 import ipsec_textfile as it
 import lab
-from conftest import FIXTURES
+from conftest import FIXTURES, require
 
 # Fields that move between two queries of one daemon: clocks and traffic.
 MOVING = {"established", "rekey-time", "reauth-time", "life-time", "install-time", "bytes-in", "bytes-out",
@@ -40,7 +41,9 @@ def plain(value: Any) -> Any:
 
 def reference_answer(socket_path: str) -> dict[str, Any]:
     """The same queries through strongSwan's own Python client."""
-    vici = pytest.importorskip("vici")
+    require([] if importlib.util.find_spec("vici") else ["the vici package (pip install '.[test]')"],
+            "the comparison with strongSwan's own client")
+    import vici
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(socket_path)
     try:

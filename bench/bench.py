@@ -8,17 +8,20 @@ For each N it brings up the scale lab of tests/lab.py (a real charon with N
 INSTALLED tunnels under one IKE SA), then, inside the gateway's namespaces,
 times in the same run:
 
-  (1) ours:       python3 ipsec_textfile.py --backend stroke --output FILE, process
-                  start to file written
-  (4) ours, VICI: the same with --backend vici (charon leaves an IKE SA with more than
-                  about 1300 CHILD SAs out of its VICI answer: the run fails, shown as -)
-  (2) per tunnel: a Python process running `ipsec status NAME` for every tunnel and
-                  classifying each answer as the older exporters do
-  (3) floor:      a Python process importing ipsec_textfile and running one
-                  `ipsec statusall`, nothing else
+  (1) ours:        python3 ipsec_textfile.py --output FILE with the default backend
+                   (auto: VICI, or stroke where charon leaves an IKE SA with more than
+                   about 1300 CHILD SAs out of its VICI answer), process start to file
+                   written
+  (4) ours, stroke: the same with --backend stroke
+  (2) per tunnel:  a Python process running `ipsec status NAME` for every tunnel and
+                   classifying each answer as the older exporters do
+  (3) floor:       a Python process importing ipsec_textfile and running one
+                   `ipsec statusall`, nothing else
+  (5) VICI floor:  a Python process importing ipsec_textfile and reading the raw answers
+                   to the VICI requests a run sends, nothing decoded
 
-and prints medians with their spread, (2)/(1), (1)/(3), the peak RSS of (1) and
-the size of the file it wrote.
+and prints medians with their spread, (2)/(1), (1)/(3), (1)/(5), (1)/(4), the peak RSS
+of (1) and the size of the file it wrote.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -52,6 +56,27 @@ import subprocess, ipsec_textfile
 subprocess.run(["ipsec", "statusall"], capture_output=True, timeout=60)
 """
 
+VICI_FLOOR = """\
+import socket, ipsec_textfile as it
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(it.DEFAULT_VICI_SOCKET)
+def exchange(*packets):
+    for kind, name, message in packets:
+        sock.sendall(it.vici_packet(kind, name, message))
+    answers = []
+    while not answers or answers[-1] == 7:  # events until the command's response
+        length = int.from_bytes(sock.recv(4, socket.MSG_WAITALL), "big")
+        answers.append(sock.recv(length, socket.MSG_WAITALL)[0])
+    return answers
+exchange((0, "version", None))
+exchange((0, "stats", None))
+for command, event, message in [("list-sas", "list-sa", None), ("list-policies", "list-policy", {"trap": "yes"}),
+                                ("list-conns", "list-conn", None)]:
+    exchange((3, event, None))
+    exchange((0, command, message))
+    exchange((4, event, None))
+"""
+
 
 def timed(command: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one process."""
@@ -69,49 +94,44 @@ def measure(tunnels: int, reps: int, per_tunnel_reps: int) -> dict[str, object]:
     names = [f"t{i}" for i in range(tunnels)]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ipsec.prom"
-        ours, rss, per_tunnel, floor, vici = [], [], [], [], []
-        vici_works = True
+        ours, rss, per_tunnel, floor, stroke, vici_floor = [], [], [], [], [], []
         for rep in range(reps):
-            if vici_works:
-                try:
-                    vici.append(timed([sys.executable, "ipsec_textfile.py", "--backend", "vici",
-                                       "--output", str(out)])[0])
-                except RuntimeError:
-                    vici_works = False
-                    vici.clear()
-            seconds, peak = timed([sys.executable, "ipsec_textfile.py", "--backend", "stroke",
-                                   "--output", str(out)])
+            stroke.append(timed([sys.executable, "ipsec_textfile.py", "--backend", "stroke",
+                                 "--output", str(out)])[0])
+            seconds, peak = timed([sys.executable, "ipsec_textfile.py", "--output", str(out)])
             ours.append(seconds)
             rss.append(peak)
             floor.append(timed([sys.executable, "-c", FLOOR])[0])
+            vici_floor.append(timed([sys.executable, "-c", VICI_FLOOR])[0])
             if rep < per_tunnel_reps:
                 per_tunnel.append(timed([sys.executable, "-c", PER_TUNNEL, *names])[0])
         text = out.read_text()
         assert text.count('ipsec_status{tunnel="t') == tunnels
         assert text.count("} 0.0") >= tunnels, "not every tunnel was up during the benchmark"
-        return {"tunnels": tunnels, "ours": ours, "per_tunnel": per_tunnel, "floor": floor, "vici": vici,
-                "rss_mib": max(rss), "file_bytes": out.stat().st_size}
+        backend = text.split('ipsec_daemon_info{backend="')[1].split('"')[0]
+        return {"tunnels": tunnels, "ours": ours, "per_tunnel": per_tunnel, "floor": floor, "stroke": stroke,
+                "vici_floor": vici_floor, "backend": backend, "rss_mib": max(rss),
+                "file_bytes": out.stat().st_size}
 
 
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):8.3f} [{min(values):.3f}-{max(values):.3f}]"
 
 
-def report(results: list[dict[str, object]]) -> None:
+def report(results: list[dict[str, Any]]) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
           f"Python {platform.python_version()}, {strongswan_version()}")
     print("seconds: median [min-max]")
-    print(f"{'N':>5}  {'(1) ours':>24}  {'(2) per tunnel':>24}  {'(3) floor':>24}  "
-          f"{'(2)/(1)':>8}  {'(1)/(3)':>8}  {'(1) ms/tunnel':>13}  {'RSS MiB':>7}  {'file KiB':>8}  "
-          f"{'(4) ours, VICI':>24}")
+    columns = ["(1) ours", "(2) per tunnel", "(3) floor", "(4) ours, stroke", "(5) VICI floor"]
+    print(f"{'N':>5}  {'backend':>7}  " + "  ".join(f"{c:>24}" for c in columns)
+          + f"  {'(2)/(1)':>8}  {'(1)/(3)':>8}  {'(1)/(5)':>8}  {'(1)/(4)':>8}  {'RSS MiB':>7}  {'file KiB':>8}")
     for r in results:
-        ours, per, floor = (list(r[k]) for k in ("ours", "per_tunnel", "floor"))  # type: ignore[call-overload]
-        m1, m2, m3 = (statistics.median(v) for v in (ours, per, floor))
-        print(f"{r['tunnels']:>5}  {spread(ours):>24}  {spread(per):>24}  {spread(floor):>24}  "
-              f"{m2 / m1:8.1f}  {m1 / m3:8.2f}  {1000 * m1 / int(r['tunnels']):13.3f}  "  # type: ignore[call-overload]
-              f"{r['rss_mib']:7.1f}  {int(r['file_bytes']) / 1024:8.1f}  "  # type: ignore[call-overload]
-              f"{spread(list(r['vici'])) if r['vici'] else '-':>24}")  # type: ignore[call-overload]
+        series = [r[k] for k in ("ours", "per_tunnel", "floor", "stroke", "vici_floor")]
+        m1, m2, m3, m4, m5 = (statistics.median(v) for v in series)
+        print(f"{r['tunnels']:>5}  {r['backend']:>7}  " + "  ".join(f"{spread(v):>24}" for v in series)
+              + f"  {m2 / m1:8.1f}  {m1 / m3:8.2f}  {m1 / m5:8.2f}  {m1 / m4:8.2f}"
+              f"  {r['rss_mib']:7.1f}  {r['file_bytes'] / 1024:8.1f}")
 
 
 def strongswan_version() -> str:

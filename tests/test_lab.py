@@ -166,3 +166,20 @@ def test_node_exporter_serves_the_file(states_lab: lab.Lab, tmp_path: Path) -> N
     assert by_tunnel(served, "ipsec_status") == lab.STATES_EXPECTED
     assert samples(served)[("node_textfile_scrape_error", ())] == 0
     assert value(served, "ipsec_textfile_success") == 1
+
+
+def test_auto_asks_stroke_when_vici_leaves_an_ike_sa_out(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # 1500 CHILD SAs under one IKE SA pass VICI's 512 KiB message limit: charon leaves the
+    # IKE SA out of list-sas. auto must notice, ask through stroke and say so.
+    tunnels = 1500
+    for big in running_lab(lambda workdir: lab.start_scale_lab(workdir, tunnels), tmp_path_factory):
+        out = tmp_path_factory.mktemp("out") / "ipsec.prom"
+        vici = collect_on_gateway(big, out, "--backend", "vici")
+        assert vici.returncode == 1 and "VICI listed 0" in vici.stderr
+        proc = collect_on_gateway(big, out)
+        assert proc.returncode == 0
+        assert proc.stderr.startswith("ipsec-textfile: warning: the daemon has 1 IKE SAs but VICI listed 0")
+        assert proc.stderr.rstrip().endswith("asked through stroke instead")
+        text = out.read_text()
+        assert samples(text)[("ipsec_daemon_info", (("backend", "stroke"), ("version", "5.9.8")))] == 1
+        assert list(by_tunnel(text, "ipsec_status").values()) == [0] * tunnels

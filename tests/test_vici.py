@@ -89,8 +89,9 @@ def test_every_captured_message_survives_encoding_and_decoding() -> None:
 
 
 @pytest.mark.parametrize(("data", "why"), [
-    (b"\x03\x03key\x00\x05val", "ends inside a value"),  # short value
-    (b"\x03\x09key", "ends inside an element name"),
+    (b"\x03\x03key\x00\x05val", "ends inside an element"),  # short value
+    (b"\x03\x09key", "ends inside an element"),  # short name
+    (b"\x04\x01l\x05\x00", "ends inside an element"),  # list item without its length
     (b"\x01\x01a\x03\x01k\x00\x01v", "ends inside a list or section"),  # section never closed
     (b"\x02", "section end without a section"),
     (b"\x05\x00\x01v", "element type 5 where"),  # list item outside a list

@@ -888,13 +888,13 @@ def vici_decode(data: bytes) -> ViciMessage:
                 if kind == _VICI_LIST_START:
                     items = section[name] = []
                 elif len(stack) > VICI_MAX_DEPTH:
-                    raise ViciError(f"VICI sections nested deeper than {VICI_MAX_DEPTH}")
+                    raise ViciError(f"sections nested deeper than {VICI_MAX_DEPTH}")
                 else:
                     section[name] = section = {}
                     stack.append(section)
             elif kind == _VICI_SECTION_END and items is None:
                 if len(stack) == 1:
-                    raise ViciError("VICI section end without a section")
+                    raise ViciError("a section end without a section")
                 stack.pop()
                 section = stack[-1]
                 pos += 1
@@ -903,11 +903,11 @@ def vici_decode(data: bytes) -> ViciMessage:
                 pos += 1
             else:
                 where = "inside a list" if items is not None else "where a section's element belongs"
-                raise ViciError(f"VICI element type {kind} {where}")
+                raise ViciError(f"element type {kind} {where}")
     except IndexError:
-        raise ViciError("VICI message ends inside an element") from None
+        raise ViciError("the message ends inside an element") from None
     if items is not None or len(stack) > 1:
-        raise ViciError("VICI message ends inside a list or section")
+        raise ViciError("the message ends inside a list or section")
     return root
 
 
@@ -1001,6 +1001,12 @@ class ViciConnection:
         self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
         self.sock.sendall(vici_packet(kind, name, message))
 
+    def decode(self, body: bytes) -> ViciMessage:
+        try:
+            return vici_decode(body)
+        except ViciError as e:
+            raise ViciError(f"VICI at {self.where} sent a malformed message: {e}") from None
+
     def request(self, command: str, message: ViciMessage | None = None) -> ViciMessage:
         self.send(_VICI_CMD_REQUEST, command, message)
         return self._response(command, self.receive())
@@ -1011,7 +1017,7 @@ class ViciConnection:
             raise ViciError(f"charon's VICI does not know the command {command}")
         if kind != _VICI_CMD_RESPONSE:
             raise ViciError(f"VICI at {self.where} answered {command} with a packet of type {kind}")
-        return vici_decode(body)
+        return self.decode(body)
 
     def stream(self, command: str, event: str, message: ViciMessage | None = None) -> list[ViciMessage]:
         """A command that answers with one event per item (list-sas: one per IKE SA)."""
@@ -1024,7 +1030,7 @@ class ViciConnection:
                 break
             if packet[1] != event:
                 raise ViciError(f"VICI at {self.where} sent event {packet[1]} during {command}")
-            events.append(vici_decode(packet[2]))
+            events.append(self.decode(packet[2]))
         self._response(command, packet)
         self._confirm(_VICI_EVENT_UNREGISTER, event)
         return events

@@ -79,8 +79,9 @@ def test_hung_charon_times_out_and_the_file_says_so(states_lab: lab.Lab, tmp_pat
     assert_no_temp_files(tmp_path)
 
 
-def fake_vici(path: Path, reply: bytes) -> threading.Thread:
-    """A VICI socket that accepts one client, reads its first request, sends reply and stalls."""
+def fake_vici(path: Path, reply: bytes, stall: float = 5) -> threading.Thread:
+    """A VICI socket that accepts one client, reads its first request, sends reply, stalls
+    for `stall` seconds and closes."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(1)
@@ -89,7 +90,7 @@ def fake_vici(path: Path, reply: bytes) -> threading.Thread:
         client, _ = server.accept()
         client.recv(65536)
         client.sendall(reply)
-        time.sleep(5)
+        time.sleep(stall)
         client.close()
         server.close()
 
@@ -98,14 +99,20 @@ def fake_vici(path: Path, reply: bytes) -> threading.Thread:
     return thread
 
 
-@pytest.mark.parametrize(("reply", "fragment"), [
-    (b"", "did not answer within 1s"),  # silent
+@pytest.mark.parametrize(("reply", "stall", "fragment"), [
+    (b"", 5, "did not answer within 1s"),  # silent
     # A packet header promising 100 bytes, then nothing: stalled mid-packet.
-    (b"\x00\x00\x00\x64\x01", "did not answer within 1s"),
+    (b"\x00\x00\x00\x64\x01", 5, "did not answer within 1s"),
+    # The same, then the connection closes: a short read.
+    (b"\x00\x00\x00\x64\x01", 0, "closed the connection in the middle of an answer"),
+    (b"\x00\x10\x00\x00", 5, "announced a packet of 1048576 bytes"),  # past charon's 512 KiB
+    (b"\x00\x00\x00\x03\x01\x09\x00", 5, "malformed message: element type 9"),  # a response with a bad element
+    (b"\x00\x00\x00\x07\x01" + b"\x01\x01a" * 2, 5, "ends inside a list or section"),  # never closed
 ])
-def test_vici_socket_that_stalls_is_cut_off(tmp_path: Path, reply: bytes, fragment: str) -> None:
+def test_a_vici_socket_that_stalls_or_talks_nonsense_is_a_failed_run(
+        tmp_path: Path, reply: bytes, stall: float, fragment: str) -> None:
     sock = tmp_path / "charon.vici"
-    fake_vici(sock, reply)
+    fake_vici(sock, reply, stall)
     out = tmp_path / "ipsec.prom"
     started = time.monotonic()
     proc = run_collector("--config", str(write_conf(tmp_path)), "--output", str(out),

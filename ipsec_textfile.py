@@ -635,6 +635,19 @@ class ChildSA:
 
 
 @dataclass(frozen=True)
+class TunnelConfig:
+    """What the daemon has loaded for a CHILD config: where it goes and what it carries,
+    as configured (%any stays %any); several addresses or selectors are comma-separated."""
+
+    ike: str  # the IKE config it belongs to
+    local: str
+    remote: str
+    local_ts: str
+    remote_ts: str
+    ike_version: str  # as the daemon names it: IKEv1, IKEv2, IKEv1/2
+
+
+@dataclass(frozen=True)
 class DaemonState:
     """One snapshot of the daemon."""
 
@@ -642,6 +655,7 @@ class DaemonState:
     child_sas: list[ChildSA]
     routed: set[str] = field(default_factory=set)  # CHILD configs with a trap policy
     loaded: list[Tunnel] = field(default_factory=list)  # tunnels the daemon itself lists (VICI)
+    configs: dict[str, TunnelConfig] = field(default_factory=dict)  # by CHILD config name
     version: str = ""
     uptime: float | None = None  # seconds
     backend: str = ""
@@ -669,6 +683,13 @@ _SA_STATE = re.compile(
     r"REKEYING|REKEYED|DELETING|DESTROYING|ROUTED|INSTALLING|INSTALLED|UPDATING|RETRYING|DELETED)\b")
 _IKE_AGE = re.compile(" " + _DELTA + " ago")
 _IKE_REKEY = re.compile(r"(?:rekeying|reauthentication) in " + _DELTA)
+# The "Connections:" section: an IKE config's line, then its CHILD configs' lines
+# (conns sharing one IKE config are listed under the first one's name).
+_CONNECTIONS = re.compile(r"^Connections:\n(.*?)^(?:Shunted Connections|Routed Connections|Security Associations)",
+                          re.MULTILINE | re.DOTALL)
+_IKE_CONFIG = re.compile(r"^ *(?P<name>.+?):  (?P<local>\S+)\.\.\.(?P<remote>\S+)  (?P<version>IKE\S*)$",
+                         re.MULTILINE)
+_CHILD_CONFIG = re.compile(r"^ *(?P<name>.+?):   child:  (?P<local>.*?) === (?P<remote>.*) \S+$", re.MULTILINE)
 # stroke shows a packet count only once the SA has been used: "640 bytes_i (5 pkts, 1s ago)"
 # or "0 bytes_i"; one packet is "1 pkt".
 _TRAFFIC = re.compile(r", (\d+) bytes_i(?: \((\d+) pkts?,[^)]*\))?, (\d+) bytes_o(?: \((\d+) pkts?,)?")
@@ -726,8 +747,28 @@ def parse_statusall(text: str) -> DaemonState:
         # A cut-off answer would make the missing tunnels look down.
         raise DaemonError(f"the daemon announced {announced} IKE SAs but listed {len(ike)}: truncated?")
     since = _SINCE.search(text)
-    return DaemonState(list(ike.values()), child, routed, version=header.group(1),
+    return DaemonState(list(ike.values()), child, routed, configs=_stroke_configs(text), version=header.group(1),
                        uptime=_uptime(since.group(1)) if since else None, backend="stroke")
+
+
+def _stroke_configs(text: str) -> dict[str, TunnelConfig]:
+    section = _CONNECTIONS.search(text)
+    configs: dict[str, TunnelConfig] = {}
+    if section is None:
+        return configs
+    ike = None
+    for line in section.group(1).splitlines():
+        m = _IKE_CONFIG.match(line)
+        if m:
+            ike = m
+            continue
+        child = _CHILD_CONFIG.match(line)
+        if child and ike:
+            configs[child.group("name")] = TunnelConfig(
+                ike.group("name"), ike.group("local"), ike.group("remote"),
+                ",".join(child.group("local").split()), ",".join(child.group("remote").split()),
+                ike.group("version"))
+    return configs
 
 
 @dataclass(frozen=True)
@@ -823,14 +864,19 @@ def parse_vici(answer: dict[str, Any]) -> DaemonState:
         raise ViciIncomplete(
             f"the daemon has {counted} IKE SAs but VICI listed {len(ike)} (an IKE SA with too many "
             "CHILD SAs passes VICI's message size limit)")
-    loaded = [
-        Tunnel(name, auto=None, shunt=c.get("mode") in _VICI_SHUNT_MODES, loaded=True, ike=conn_name)
-        for event in answer["list-conns"] for conn_name, conn in event.items()
-        for name, c in conn.get("children", {}).items()
-    ]
+    loaded: list[Tunnel] = []
+    configs: dict[str, TunnelConfig] = {}
+    for event in answer["list-conns"]:
+        for conn_name, conn in event.items():
+            local, remote = (",".join(conn.get(k, [])) for k in ("local_addrs", "remote_addrs"))
+            for name, c in conn.get("children", {}).items():
+                loaded.append(Tunnel(name, auto=None, shunt=c.get("mode") in _VICI_SHUNT_MODES, loaded=True,
+                                     ike=conn_name))
+                configs.setdefault(name, TunnelConfig(conn_name, local, remote, ",".join(c.get("local-ts", [])),
+                                                      ",".join(c.get("remote-ts", [])), conn.get("version", "")))
     routed = {p["child"] for event in answer["list-policies"] for p in event.values()
               if p.get("mode") not in _VICI_SHUNT_MODES}
-    return DaemonState(ike, child, routed, loaded, version=answer["version"].get("version", ""),
+    return DaemonState(ike, child, routed, loaded, configs, version=answer["version"].get("version", ""),
                        uptime=_uptime(answer["stats"].get("uptime", {}).get("since", "")), backend="vici")
 
 
@@ -1134,6 +1180,7 @@ class TunnelDetail:
     traffic: Traffic
     installed_child_sas: int
     ike: IkeSA | None  # its newest ESTABLISHED IKE SA, if any
+    config: TunnelConfig | None = None  # what the daemon has loaded for it
 
 
 @dataclass(frozen=True)
@@ -1188,7 +1235,7 @@ def classify(tunnels: Sequence[Tunnel], state: DaemonState) -> list[TunnelStatus
         established = [sa for sa in carriers if sa.state == "ESTABLISHED"]
         newest = min(established, key=lambda sa: sa.age if sa.age is not None else 0.0, default=None)
         traffic = sum((c.traffic for c in own_children), Traffic())
-        detail = TunnelDetail(traffic, len(installed), newest)
+        detail = TunnelDetail(traffic, len(installed), newest, state.configs.get(tunnel.name))
         results.append(TunnelStatus(tunnel.name, status, routed, detail))
     return results
 
@@ -1247,6 +1294,9 @@ def metric_families(result: RunResult) -> list[Metric]:
     ike_rekey = GaugeMetricFamily("ipsec_ike_next_rekey_seconds",
                                   "Seconds until the tunnel's IKE SA is rekeyed or reauthenticated, "
                                   "whichever comes first.", labels=TUNNEL)
+    info = InfoMetricFamily("ipsec_tunnel", "Where the tunnel goes and what it carries, as the daemon has it "
+                                            "loaded: IKE config, addresses, traffic selectors, IKE version.",
+                            labels=TUNNEL)
     counters = [
         (CounterMetricFamily(name, f"{what} through the tunnel, summed over its CHILD SAs; "
                                    "restarts from 0 when a CHILD SA is rekeyed.", labels=TUNNEL), field_name)
@@ -1267,7 +1317,12 @@ def metric_families(result: RunResult) -> list[Metric]:
             ike_rekey.add_metric(label, detail.ike.next_rekey)
         for counter, field_name in counters:
             counter.add_metric(label, getattr(detail.traffic, field_name))
-    families = [status, routed, child_sas, ike_up, ike_age, ike_rekey, *(c for c, _ in counters)]
+        config = detail.config
+        if config is not None:
+            info.add_metric(label, {"ike": config.ike, "local": config.local, "remote": config.remote,
+                                    "local_ts": config.local_ts, "remote_ts": config.remote_ts,
+                                    "ike_version": config.ike_version})
+    families = [status, info, routed, child_sas, ike_up, ike_age, ike_rekey, *(c for c, _ in counters)]
 
     daemon = result.daemon
     if daemon is not None:

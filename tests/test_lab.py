@@ -48,6 +48,12 @@ def test_both_backends_agree_on_one_live_daemon(states_lab: lab.Lab, tmp_path: P
     stroke, vici = (collect(states_lab, tmp_path, backend) for backend in ("stroke", "vici"))
     for metric in SAME_IN_BOTH:
         assert by_tunnel(vici, metric) == by_tunnel(stroke, metric), metric
+
+    def info(text: str) -> set[tuple[tuple[str, str], ...]]:
+        return {labels for name, labels in samples(text) if name == "ipsec_tunnel_info"}
+
+    assert info(vici) == info(stroke)
+    assert len(info(stroke)) == sum(v != 4 for v in lab.STATES_EXPECTED.values())
     assert by_tunnel(stroke, "ipsec_status") == lab.STATES_EXPECTED
 
 

@@ -178,3 +178,34 @@ def test_a_weakswan_build_is_read_like_strongswan() -> None:
     snapshot = it.parse_statusall(weak)
     assert snapshot.version == "5.9.8"
     assert {s.name: s.status for s in it.classify(states_tunnels(), snapshot)} == lab.STATES_EXPECTED
+
+
+@pytest.mark.parametrize("fixture", [STATES, SWANCTL, REKEYED])
+def test_both_backends_read_the_same_loaded_configs(fixture: Path) -> None:
+    stroke = it.parse_statusall((fixture / "statusall.txt").read_text()).configs
+    vici = it.parse_vici(vici_answer(fixture)).configs
+    assert stroke == vici and len(stroke) >= 1
+
+
+def test_loaded_configs_say_where_each_tunnel_goes() -> None:
+    configs = states_snapshot().configs
+    # site shares up's IKE config (stroke lists it under up); connecting goes to the silent peer.
+    assert configs["site"] == it.TunnelConfig("up", "10.99.0.1", "10.99.0.2", "10.1.2.0/24", "10.2.2.0/24", "IKEv2")
+    assert configs["connecting"].remote == "10.99.0.3"
+    assert "ignored" not in configs and "template" not in configs  # never loaded
+    # A name wider than stroke's right-aligned column, and swanctl's "any IKE version".
+    swanctl = it.parse_statusall((SWANCTL / "statusall.txt").read_text()).configs
+    assert swanctl["net-connecting"] == it.TunnelConfig("lost", "10.99.0.1", "10.99.0.3", "10.1.9.0/24",
+                                                        "10.2.9.0/24", "IKEv1/2")
+
+
+def test_tunnel_info_is_one_series_per_tunnel_the_daemon_loaded() -> None:
+    snapshot = states_snapshot()
+    result = it.RunResult(it.classify(states_tunnels(), snapshot), snapshot, 0.0, 0.0)
+    (info,) = [f for f in it.metric_families(result) if f.name == "ipsec_tunnel"]
+    labels = {s.labels["tunnel"]: s.labels for s in info.samples}
+    # Ignored tunnels (4) get ipsec_status alone, as everywhere else.
+    assert set(labels) == {n for n, v in lab.STATES_EXPECTED.items() if v != 4}
+    assert labels["site"] == {"tunnel": "site", "ike": "up", "local": "10.99.0.1", "remote": "10.99.0.2",
+                              "local_ts": "10.1.2.0/24", "remote_ts": "10.2.2.0/24", "ike_version": "IKEv2"}
+    assert {s.value for s in info.samples} == {1}

@@ -4,20 +4,17 @@ and the rules evaluated by a real Prometheus scraping a real node_exporter."""
 from __future__ import annotations
 
 import configparser
-import json
 import re
 import shutil
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+import prometheus_server
 import pytest
 
 import lab
 from conftest import BACKENDS, ROOT, require, run_collector
-from node_exporter import BINARY, NodeExporter, free_port
 from promfile import by_tunnel
 
 SYSTEMD = ROOT / "systemd"
@@ -136,61 +133,15 @@ def test_every_alert_has_a_rule_test() -> None:
 # ---------------------------------------------------------------- end to end
 
 
-class Prometheus:
-    """The real Prometheus on a loopback port, its own storage, scraping one target every second."""
-
-    def __init__(self, workdir: Path, target: str) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        config = workdir / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            f"rule_files:\n  - {RULES}\n"
-            f"scrape_configs:\n  - job_name: node\n    static_configs:\n      - targets: ['{target}']\n")
-        self.process = subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=(workdir / "prometheus.log").open("w"))
-        lab.wait_for(self.ready, 30, "Prometheus to be ready")
-
-    def ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"prometheus exited; see {self.workdir / 'prometheus.log'}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    def api(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/v1/{path}", timeout=5) as r:
-            return json.load(r)["data"]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=20)
-
-
 @pytest.fixture
-def monitoring(tmp_path: Path) -> Iterator[tuple[Path, Prometheus]]:
+def monitoring(tmp_path: Path) -> Iterator[tuple[Path, prometheus_server.Prometheus]]:
     """node_exporter serving a textfile directory, and Prometheus scraping it with our rules."""
-    require([t for t in (BINARY, "prometheus") if not shutil.which(t)], "Prometheus end to end")
-    textfile_dir = tmp_path / "textfile"
-    textfile_dir.mkdir()
-    exporter = NodeExporter(textfile_dir)
-    exporter.start()
-    try:
-        server = Prometheus(tmp_path, f"127.0.0.1:{exporter.port}")
-        try:
-            yield textfile_dir, server
-        finally:
-            server.stop()
-    finally:
-        exporter.stop()
+    with prometheus_server.monitoring(tmp_path, [RULES]) as stack:
+        yield stack
 
 
 def test_a_tunnel_taken_down_raises_its_alert_in_prometheus(
-        states_lab: lab.Lab, monitoring: tuple[Path, Prometheus]) -> None:
+        states_lab: lab.Lab, monitoring: tuple[Path, prometheus_server.Prometheus]) -> None:
     textfile_dir, server = monitoring
     states_lab.gateway.ipsec("down", "included{*}")
     try:

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import prometheus_server
 import pytest
 
 import lab
+import prometheus_server
 from conftest import ROOT, run_collector
 
 DASHBOARD = json.loads((ROOT / "dashboards" / "ipsec-textfile.json").read_text())

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import debian_lab
 import pytest
-from debian_lab import daemon_info, tunnels_right
 
+import debian_lab
 from conftest import require
+from debian_lab import daemon_info, tunnels_right
 from promfile import by_tunnel, value
 
 KINDS = list(debian_lab.KINDS)

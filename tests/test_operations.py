@@ -10,10 +10,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import prometheus_server
 import pytest
 
 import lab
+import prometheus_server
 from conftest import BACKENDS, ROOT, require, run_collector
 from promfile import by_tunnel
 

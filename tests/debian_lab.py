@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,13 +77,44 @@ class Kind:
 
     @property
     def cache_key(self) -> str:
-        """A changed package list is another root, built afresh."""
-        digest = hashlib.sha256(f"minbase {self.suite} {' '.join(self.include)}".encode()).hexdigest()
-        return f"{self.suite}-{digest[:12]}"
+        return cache_key(self.suite, self.include)
 
     @property
     def cached_root(self) -> Path:
         return CACHE / self.cache_key
+
+
+def cache_key(suite: str, include: list[str]) -> str:
+    """A changed package list is another root, built afresh."""
+    digest = hashlib.sha256(f"minbase {suite} {' '.join(include)}".encode()).hexdigest()
+    return f"{suite}-{digest[:12]}"
+
+
+@dataclass(frozen=True)
+class Builder:
+    """A Debian release with Debian's package build tools and nothing else: where the package
+    (debian/) is built as that release's own tools build it. The container has no network, so
+    the build dependencies come in when the root is made."""
+
+    name: str
+    suite: str
+
+    @property
+    def include(self) -> list[str]:
+        # build-essential: dpkg-buildpackage checks for it besides debian/control's Build-Depends.
+        return sorted(["build-essential", "debhelper"])
+
+    @property
+    def cache_key(self) -> str:
+        return cache_key(self.suite, self.include)
+
+    @property
+    def cached_root(self) -> Path:
+        return CACHE / self.cache_key
+
+
+BUILDERS = {f"{name}-build": Builder(f"{name}-build", suite)
+            for name, suite in (("debian11", "bullseye"), ("debian12", "bookworm"), ("debian13", "trixie"))}
 
 
 KINDS = {
@@ -142,15 +174,16 @@ def mirror() -> str:
     raise RuntimeError("no Debian archive (a URI ending in /debian) in this machine's apt sources")
 
 
-def run(args: list[str], timeout: float, stdin: str | None = None) -> str:
+def run(args: list[str], timeout: float, stdin: str | None = None, cwd: Path | None = None) -> str:
     """Run args; on failure raise with what it printed, so a log says why."""
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, input=stdin)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, input=stdin,
+                          cwd=cwd)
     if proc.returncode != 0:
         raise RuntimeError(f"{args!r} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return str(proc.stdout)
 
 
-def build_root(kind: Kind, archive: str) -> Path:
+def build_root(kind: Kind | Builder, archive: str) -> Path:
     """kind's cached root, debootstrapped first if this machine has none yet.
 
     The build happens in a temporary directory beside the cache entry and is renamed into
@@ -179,9 +212,9 @@ def build_root(kind: Kind, archive: str) -> Path:
 
 
 def prune_cache() -> None:
-    """Remove roots (and their locks and half builds) of package lists no kind has any more,
-    unless a running gateway is still on one."""
-    current = {kind.cache_key for kind in KINDS.values()}
+    """Remove roots (and their locks and half builds) of package lists no kind or builder has
+    any more, unless a running gateway is still on one."""
+    current = {kind.cache_key for kind in KINDS.values()} | {builder.cache_key for builder in BUILDERS.values()}
     mounts = Path("/proc/self/mountinfo").read_text()
     for entry in CACHE.iterdir():
         key = entry.name
@@ -197,7 +230,7 @@ def prune_cache() -> None:
             entry.unlink()
 
 
-def build_roots(kinds: list[Kind]) -> dict[str, Path]:
+def build_roots(kinds: Sequence[Kind | Builder]) -> dict[str, Path]:
     """Every kind's cached root. Builds are mostly downloads, so they run side by side."""
     archive = mirror()
     if CACHE.is_dir():
@@ -205,6 +238,47 @@ def build_roots(kinds: list[Kind]) -> dict[str, Path]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(kinds)) as pool:
         futures = {kind.name: pool.submit(build_root, kind, archive) for kind in kinds}
         return {name: future.result() for name, future in futures.items()}
+
+
+# ---------------------------------------------------------------- the Debian package
+
+PACKAGE = "prometheus-ipsec-textfile"
+# What a checkout may hold besides the project's files: caches and a pip build.
+NOT_SOURCE = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", ".pytest_cache",
+                                    ".mypy_cache", ".ruff_cache", ".hypothesis")
+
+
+def copy_checkout(destination: Path) -> Path:
+    """The project's files at destination, as a fresh checkout has them."""
+    shutil.copytree(REPO, destination, ignore=NOT_SOURCE)
+    return destination
+
+
+def debs(directory: Path) -> list[Path]:
+    return sorted(directory.glob(f"{PACKAGE}_*_all.deb"))
+
+
+def build_package_here(source: Path, *args: str, timeout: float = 600) -> Path:
+    """README's build command (dpkg-buildpackage -us -uc, -b unless args say otherwise) run in
+    source, a checkout whose parent holds nothing else; the .deb it left beside source."""
+    run(["dpkg-buildpackage", "-us", "-uc", *(args or ("-b",))], timeout=timeout, cwd=source)
+    built = debs(source.parent)
+    if len(built) != 1:
+        raise RuntimeError(f"expected one .deb beside {source}, found {built}")
+    return built[0]
+
+
+def build_package_in(builder: Builder, cached_root: Path, source: Path, timeout: float = 600) -> Path:
+    """The same command in builder's release: its root, read-only under a throwaway overlay, with
+    no network; source's parent is the one directory shared with this machine."""
+    run(["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-D", str(cached_root),
+         "--volatile=overlay", "--private-network", f"--bind={source.parent}:/build",
+         f"--chdir=/build/{source.name}", "--setenv=LC_ALL=C.UTF-8",
+         "dpkg-buildpackage", "-us", "-uc", "-b"], timeout=timeout)
+    built = debs(source.parent)
+    if len(built) != 1:
+        raise RuntimeError(f"expected one .deb from {builder.name}, found {built}")
+    return built[0]
 
 
 # ---------------------------------------------------------------- one booted gateway

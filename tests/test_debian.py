@@ -60,7 +60,9 @@ def kind_of(item: pytest.Item) -> object:
     return callspec.params.get("kind") if callspec is not None else None
 
 
-@pytest.fixture(scope="session")
+# Module-scoped: the gateways shut down when this file's tests are done, before
+# tests/test_package.py boots its own.
+@pytest.fixture(scope="module")
 def debian_gateways(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
     """Every gateway kind this run's tests ask for, booted side by side, installed per README,
     and its traffic counted in the background.

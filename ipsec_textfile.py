@@ -49,6 +49,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 DEFAULT_CONFIG = "/etc/ipsec.conf"
 DEFAULT_OUTPUT = "/var/lib/prometheus/node-exporter/ipsec.prom"
 DEFAULT_VICI_SOCKET = "/var/run/charon.vici"
+DEFAULT_STROKE_SOCKET = "/var/run/charon.ctl"
+DEFAULT_PLUTO_SOCKET = "/run/pluto/pluto.ctl"
 TUNNEL = ["tunnel"]  # the label of every per-tunnel series
 
 STATUS_UP = 0
@@ -595,6 +597,67 @@ def read_config(path: str, root: str | None = None) -> list[Tunnel]:
     return tunnels
 
 
+# ---------------------------------------------------------------- read config: libreswan
+
+
+# libreswan reads the same file format with its own rules (lib/libipsecconf, checked
+# against its readwriteconf): auto= has more values and defaults to ignore, "route" and
+# "up" are old names of ondemand and start; also= and %default merge, but a key that a
+# conn and one of its also= targets set to different values drops the conn, as does a
+# missing target.
+_LIBRESWAN_AUTO = {"ignore": "ignore", "add": "add", "ondemand": "ondemand", "route": "ondemand",
+                   "start": "start", "up": "start", "keep": "keep"}
+_LIBRESWAN_LOADED = {"add", "ondemand", "start", "keep"}
+_LIBRESWAN_SHUNTS = {"passthrough", "pass", "drop", "reject"}
+
+
+def read_libreswan_config(path: str, root: str | None = None) -> list[Tunnel]:
+    """Every conn of ipsec.conf except %default, with what libreswan's addconn decides about it.
+
+    Raises ConfigError where libreswan rejects the whole file (syntax, a bad auto= value).
+    """
+    parsed = _parse(path, root)
+    default = parsed.conns.get("%default")
+    tunnels = []
+    for name, section in parsed.conns.items():
+        if name == "%default":
+            continue
+        settings, dropped = _libreswan_settings(name, section, parsed.conns)
+        auto = settings.get("auto")
+        if auto is None and default is not None:
+            auto = default.settings.get("auto")
+        if auto is not None and auto not in _LIBRESWAN_AUTO:
+            raise ConfigError(f"{path}: conn {name}: auto={auto} is not a libreswan auto= value")
+        effective = _LIBRESWAN_AUTO[auto] if auto else "ignore"
+        kind = settings.get("type") or (default.settings.get("type") if default is not None else None)
+        tunnels.append(Tunnel(name=name, auto=effective, shunt=kind in _LIBRESWAN_SHUNTS,
+                              loaded=not dropped and effective in _LIBRESWAN_LOADED))
+    return tunnels
+
+
+def _libreswan_settings(name: str, section: _Section, conns: dict[str, _Section]) -> tuple[dict[str, str], bool]:
+    """A conn's own and also= settings (%default apart), and whether libreswan drops the conn."""
+    merged = {k: v for k, v in section.settings.items() if v is not None}
+    seen = {name}
+    pending = list(reversed(section.also))  # _add_setting keeps them most important first
+    while pending:
+        target = pending.pop(0)
+        if target in seen:
+            continue  # a loop: libreswan reads each section once
+        seen.add(target)
+        parent = conns.get(target)
+        if parent is None:
+            return merged, True
+        for key, value in parent.settings.items():
+            if value is None:
+                continue
+            if merged.get(key, value) != value:
+                return merged, True
+            merged[key] = value
+        pending.extend(reversed(parent.also))
+    return merged, False
+
+
 # ---------------------------------------------------------------- query daemon
 
 
@@ -617,12 +680,20 @@ class Traffic:
 
     bytes_in: int = 0
     bytes_out: int = 0
-    packets_in: int = 0
-    packets_out: int = 0
+    packets_in: int | None = 0  # None: the daemon does not count packets (pluto)
+    packets_out: int | None = 0
 
     def __add__(self, other: Traffic) -> Traffic:
         return Traffic(self.bytes_in + other.bytes_in, self.bytes_out + other.bytes_out,
-                       self.packets_in + other.packets_in, self.packets_out + other.packets_out)
+                       _add_count(self.packets_in, other.packets_in),
+                       _add_count(self.packets_out, other.packets_out))
+
+
+NO_PACKETS = Traffic(packets_in=None, packets_out=None)  # a sum that stays without packet counts
+
+
+def _add_count(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
 
 
 @dataclass(frozen=True)
@@ -659,6 +730,7 @@ class DaemonState:
     version: str = ""
     uptime: float | None = None  # seconds
     backend: str = ""
+    counts_packets: bool = True  # pluto counts bytes only
 
 
 class Daemon(Protocol):
@@ -780,37 +852,21 @@ class StrokeDaemon:
 
     def query(self) -> DaemonState:
         command = [self.ipsec, "statusall"]
-        shown = " ".join(command)
-        try:
-            # Its own process group: `ipsec` runs stroke as a child, and a timeout
-            # must end both, or the pipe stays open until a hung charon wakes.
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, errors="replace", start_new_session=True)
-        except FileNotFoundError:
-            raise DaemonError(f"command not found: {self.ipsec}") from None
-        except PermissionError:
-            raise DaemonError(f"command not executable: {self.ipsec}") from None
-        except OSError as e:
-            raise DaemonError(f"cannot run {self.ipsec}: {e.strerror}") from None
-        with proc:
-            try:
-                stdout, stderr = proc.communicate(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-                raise DaemonError(f"`{shown}` did not answer within {self.timeout:g}s") from None
+        stdout, stderr, code = run_command(command, self.timeout)
         # The wrapper's exit status says whether starter runs, not whether the
         # query worked: the output decides.
         try:
             return parse_statusall(stdout)
         except DaemonError as e:
             said = (stderr.strip().splitlines() or [str(e)])[-1]
-            raise DaemonError(f"`{shown}` gave no usable daemon status (exit {proc.returncode}): {said}") from None
+            raise DaemonError(f"`{' '.join(command)}` gave no usable daemon status (exit {code}): {said}") from None
 
 
 @dataclass(frozen=True)
 class StatusFile:
-    """A saved `ipsec statusall` output, replayed instead of asking the daemon."""
+    """A saved daemon answer, replayed instead of asking the daemon: `ipsec statusall`
+    (strongSwan), or `ipsec whack --status` followed by `ipsec whack --trafficstatus` in
+    one file (libreswan; told apart by pluto's "Connection list:")."""
 
     path: str
 
@@ -821,6 +877,8 @@ class StatusFile:
         except OSError as e:
             raise DaemonError(f"cannot read status file {self.path}: {e.strerror}") from None
         try:
+            if _STATUS_HEADER.search(text) is None and "Connection list:" in text:
+                return parse_pluto(text, text)
             return parse_statusall(text)
         except DaemonError as e:
             raise DaemonError(f"{self.path}: {e}") from None
@@ -1135,20 +1193,154 @@ class ViciDaemon:
             sock.close()
 
 
+# ---------------------------------------------------------------- query daemon: pluto
+
+
+# `ipsec whack --status` (4.x prefixes every line with "000 "; 5.x does not). A conn's
+# first line: "NAME": LOCAL_TS===LOCAL[id]...REMOTE[id]===REMOTE_TS; ROUTING; ...
+# (instances of a template conn add [N] and the peer's address after the name).
+_PLUTO_LINE_PREFIX = r"^(?:000 )?"
+_PLUTO_CONN = re.compile(_PLUTO_LINE_PREFIX + r'"(?P<name>[^"]+)"(?P<instance>\[\d+\][^:]*)?: '
+                         r"(?P<ends>\S+); (?P<routing>[^;]+);", re.MULTILINE)
+_PLUTO_POLICY = re.compile(_PLUTO_LINE_PREFIX + r'"(?P<name>[^"]+)"(?:\[\d+\][^:]*)?:   policy: (?P<version>IKEv[12])',
+                           re.MULTILINE)
+# Every state, IKE or IPsec: "#9: "up-v2":500 STATE_V2_ESTABLISHED_CHILD_SA (established Child SA); ...;
+# IKE SA #5; ..." (5.x drops the STATE_V2_ prefix of IKEv2 states). The description in
+# parentheses says "established" exactly for the established ones in both versions.
+_PLUTO_STATE = re.compile(_PLUTO_LINE_PREFIX + r'#(?P<uid>\d+): "(?P<name>[^"]+)"(?:\[\d+\])?(?: \S+)?:\d+ '
+                          r"(?P<state>[A-Z][A-Z0-9_]+) \((?P<what>[^)]*)\)(?P<rest>[^\n]*)", re.MULTILINE)
+_PLUTO_CARRIER = re.compile(r"\b(?:IKE|ISAKMP) SA #(\d+)")
+_PLUTO_CHILD_WORDS = ("QUICK", "CHILD", "IPSEC")  # IPsec SA states; the rest are IKE/ISAKMP SAs
+# Routing states of a conn that waits for traffic with a trap policy (auto=ondemand).
+_PLUTO_TRAPS = {"prospective erouted", "routed-ondemand"}
+_PLUTO_VERSION = re.compile(r"\bpluto_version=([^,\s]+)")
+# `ipsec whack --trafficstatus`: one line per established IPsec SA, exact bytes, no packets.
+_PLUTO_TRAFFIC = re.compile(_PLUTO_LINE_PREFIX + r'(?:006 )?#(?P<uid>\d+): "[^"]+"[^,]*, type=\w+, '
+                            r"add_time=\d+, inBytes=(?P<in>\d+), outBytes=(?P<out>\d+)", re.MULTILINE)
+
+
+def parse_pluto(status: str, traffic: str) -> DaemonState:
+    """Parse `ipsec whack --status` and `ipsec whack --trafficstatus` (libreswan 4.x, 5.x)."""
+    if "Connection list:" not in status:
+        raise DaemonError("no connection list in the output (is pluto running?)")
+    counted = {int(m.group("uid")): Traffic(int(m.group("in")), int(m.group("out")), None, None)
+               for m in _PLUTO_TRAFFIC.finditer(traffic)}
+    ike: list[IkeSA] = []
+    child: list[ChildSA] = []
+    for m in _PLUTO_STATE.finditer(status):
+        uid, name, state = int(m.group("uid")), m.group("name"), m.group("state")
+        established = "established" in m.group("what")
+        if any(word in state for word in _PLUTO_CHILD_WORDS):
+            carrier = _PLUTO_CARRIER.search(m.group("rest"))
+            child.append(ChildSA(name, uid, "INSTALLED" if established else state,
+                                 int(carrier.group(1)) if carrier else -1, counted.get(uid, NO_PACKETS)))
+        else:
+            ike.append(IkeSA(name, uid, "ESTABLISHED" if established else "CONNECTING"))
+    versions = {m.group("name"): m.group("version") for m in _PLUTO_POLICY.finditer(status)}
+    routed = set()
+    configs: dict[str, TunnelConfig] = {}
+    for m in _PLUTO_CONN.finditer(status):
+        name = m.group("name")
+        if m.group("routing") in _PLUTO_TRAPS:
+            routed.add(name)
+        if m.group("instance") is None and "..." in m.group("ends"):
+            configs[name] = _pluto_config(name, m.group("ends"), versions.get(name, ""))
+    version = _PLUTO_VERSION.search(status)
+    return DaemonState(ike, child, routed, configs=configs, version=version.group(1) if version else "",
+                       backend="pluto", counts_packets=False)
+
+
+def _pluto_config(name: str, ends: str, ike_version: str) -> TunnelConfig:
+    """A conn's "LOCAL_TS===LOCAL[id]...REMOTE[id]===REMOTE_TS" (host-to-host: no selectors)."""
+    local_side, _, remote_side = ends.partition("...")
+    local_ts, _, local = local_side.rpartition("===")
+    remote, _, remote_ts = remote_side.partition("===")
+    # Drop ids [..], source addresses <..>, options {..} and next hops (---).
+    local = re.split(r"[\[<{]", local.split("---")[0])[0]
+    remote = re.split(r"[\[<{]", remote.split("---")[-1])[0]
+    return TunnelConfig(name, local, remote, local_ts or local, remote_ts or remote, ike_version)
+
+
+def run_command(command: list[str], timeout: float) -> tuple[str, str, int]:
+    """stdout, stderr and exit status of a command, its whole process group killed on timeout."""
+    shown = " ".join(command)
+    try:
+        # Its own process group: `ipsec` runs the real program as a child, and a timeout
+        # must end both, or the pipe stays open until a hung daemon wakes.
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, errors="replace", start_new_session=True)
+    except FileNotFoundError:
+        raise DaemonError(f"command not found: {command[0]}") from None
+    except PermissionError:
+        raise DaemonError(f"command not executable: {command[0]}") from None
+    except OSError as e:
+        raise DaemonError(f"cannot run {command[0]}: {e.strerror}") from None
+    with proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise DaemonError(f"`{shown}` did not answer within {timeout:g}s") from None
+    return stdout, stderr, proc.returncode
+
+
+@dataclass(frozen=True)
+class PlutoDaemon:
+    """libreswan's pluto through `ipsec whack`: --status (conns, states), then --trafficstatus
+    (exact bytes), both within one timeout."""
+
+    ipsec: str = "ipsec"
+    timeout: float = 10.0
+
+    def query(self) -> DaemonState:
+        deadline = time.monotonic() + self.timeout
+        answers = []
+        for option in ("--status", "--trafficstatus"):
+            command = [self.ipsec, "whack", option]
+            stdout, stderr, code = run_command(command, max(0.001, deadline - time.monotonic()))
+            if code != 0:
+                said = (stderr.strip().splitlines() or stdout.strip().splitlines() or ["no output"])[-1]
+                raise DaemonError(f"`{' '.join(command)}` failed (exit {code}): {said}")
+            answers.append(stdout)
+        return parse_pluto(*answers)
+
+
 # ---------------------------------------------------------------- query daemon: auto
+
+
+def socket_answers(path: str) -> bool:
+    """Whether something accepts a connection on the Unix socket at path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
 class AutoDaemon:
-    """--backend auto: VICI when its socket answers, else stroke when `ipsec` exists."""
+    """--backend auto: VICI when its socket answers; else pluto when its control socket
+    answers and charon's stroke socket is absent; else stroke when `ipsec` exists.
+
+    libreswan also installs an `ipsec` command, so pluto is found by its socket, before
+    stroke is tried; charon's stroke socket rules it out for a host running both.
+    """
 
     vici: ViciDaemon
     stroke: StrokeDaemon
+    pluto: PlutoDaemon
+    pluto_socket: str = DEFAULT_PLUTO_SOCKET
+    stroke_socket: str = DEFAULT_STROKE_SOCKET
 
     def query(self) -> DaemonState:
         try:
             return self.vici.query()
         except ViciUnreachable as e:
+            if self.asks_pluto():
+                return self.pluto.query()
             if not self._has_stroke():
                 raise DaemonError(f"no IKE daemon to ask: {e}, and no `{self.stroke.ipsec}` command "
                                   "for stroke") from None
@@ -1161,15 +1353,21 @@ class AutoDaemon:
     def _has_stroke(self) -> bool:
         return shutil.which(self.stroke.ipsec) is not None
 
+    def asks_pluto(self) -> bool:
+        return not os.path.exists(self.stroke_socket) and socket_answers(self.pluto_socket)
+
 
 def choose_daemon(backend: str, ipsec: str, vici_socket: str, timeout: float) -> Daemon:
     stroke = StrokeDaemon(ipsec, timeout)
     vici = ViciDaemon(vici_socket, timeout)
+    pluto = PlutoDaemon(ipsec, timeout)
     if backend == "stroke":
         return stroke
     if backend == "vici":
         return vici
-    return AutoDaemon(vici, stroke)
+    if backend == "pluto":
+        return pluto
+    return AutoDaemon(vici, stroke, pluto)
 
 
 # ---------------------------------------------------------------- classify
@@ -1234,7 +1432,7 @@ def classify(tunnels: Sequence[Tunnel], state: DaemonState) -> list[TunnelStatus
         carriers = [ike_by_uid[c.ike_uid] for c in installed if c.ike_uid in ike_by_uid] or named_ike
         established = [sa for sa in carriers if sa.state == "ESTABLISHED"]
         newest = min(established, key=lambda sa: sa.age if sa.age is not None else 0.0, default=None)
-        traffic = sum((c.traffic for c in own_children), Traffic())
+        traffic = sum((c.traffic for c in own_children), Traffic() if state.counts_packets else NO_PACKETS)
         detail = TunnelDetail(traffic, len(installed), newest, state.configs.get(tunnel.name))
         results.append(TunnelStatus(tunnel.name, status, routed, detail))
     return results
@@ -1316,7 +1514,9 @@ def metric_families(result: RunResult) -> list[Metric]:
         if detail.ike is not None and detail.ike.next_rekey is not None:
             ike_rekey.add_metric(label, detail.ike.next_rekey)
         for counter, field_name in counters:
-            counter.add_metric(label, getattr(detail.traffic, field_name))
+            figure = getattr(detail.traffic, field_name)
+            if figure is not None:  # a figure the daemon does not give is left out, not 0
+                counter.add_metric(label, figure)
         config = detail.config
         if config is not None:
             info.add_metric(label, {"ike": config.ike, "local": config.local, "remote": config.remote,
@@ -1519,11 +1719,12 @@ example cron line (/etc/cron.d/ipsec-textfile):
                              "the daemon then names the tunnels it loaded from swanctl.conf)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="PATH",
                         help="the .prom file to replace, or - for stdout (default: %(default)s)")
-    parser.add_argument("--backend", choices=("auto", "stroke", "vici"), default="auto",
-                        help="how to ask charon: stroke runs `ipsec statusall`; vici talks to its VICI "
-                             "socket, as swanctl does; auto uses VICI when the vici package is "
-                             "installed and the socket accepts a connection, else stroke "
-                             "(default: %(default)s)")
+    parser.add_argument("--backend", choices=("auto", "stroke", "vici", "pluto"), default="auto",
+                        help="how to ask the IKE daemon: stroke runs `ipsec statusall` (strongSwan's "
+                             "charon); vici talks to charon's VICI socket, as swanctl does; pluto runs "
+                             "`ipsec whack --status` and `--trafficstatus` (libreswan); auto uses VICI "
+                             f"when its socket accepts a connection, else pluto when {DEFAULT_PLUTO_SOCKET} "
+                             "does and charon's stroke socket is absent, else stroke (default: %(default)s)")
     parser.add_argument("--ipsec", default="ipsec", metavar="PATH",
                         help="the ipsec command to run (default: %(default)s)")
     parser.add_argument("--vici-socket", default=DEFAULT_VICI_SOCKET, metavar="PATH",
@@ -1533,19 +1734,21 @@ example cron line (/etc/cron.d/ipsec-textfile):
     parser.add_argument("--lock-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long to wait for an overlapping run's lock (default: %(default)s)")
     parser.add_argument("--status-file", metavar="PATH",
-                        help="read a saved `ipsec statusall` output instead of asking the daemon "
-                             "(replaces --backend)")
+                        help="read a saved daemon answer instead of asking the daemon (replaces "
+                             "--backend): `ipsec statusall` output, or for libreswan `ipsec whack "
+                             "--status` followed by `ipsec whack --trafficstatus` in one file")
     return parser.parse_args(argv)
 
 
-def configured_tunnels(path: str | None) -> list[Tunnel] | None:
-    """ipsec.conf's tunnels; None when no --config was given and the default is absent,
-    as on a host configured by swanctl.conf alone (only VICI then names the tunnels)."""
+def configured_tunnels(path: str | None, libreswan: bool) -> list[Tunnel] | None:
+    """ipsec.conf's tunnels, read as the daemon's own tools read it; None when no --config
+    was given and the default is absent, as on a host configured by swanctl.conf alone
+    (only VICI then names the tunnels)."""
     if path is None:
         if not os.path.exists(DEFAULT_CONFIG):
             return None
         path = DEFAULT_CONFIG
-    return read_config(path)
+    return read_libreswan_config(path) if libreswan else read_config(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1558,8 +1761,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = None
     error = None
     try:
-        tunnels = configured_tunnels(args.config)
-        state = daemon.query()
+        # The daemon first: which one answered decides how ipsec.conf is read.
+        try:
+            state = daemon.query()
+        except DaemonError as e:
+            error = str(e)
+        libreswan = state.backend == "pluto" if state is not None else isinstance(daemon, PlutoDaemon)
+        tunnels = configured_tunnels(args.config, libreswan)
+        if state is None:
+            raise DaemonError(error or "")
         if tunnels is None and state.backend != "vici":
             raise ConfigError(f"cannot read {DEFAULT_CONFIG}: No such file or directory "
                               "(stroke knows tunnels only from it)")

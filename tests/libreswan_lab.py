@@ -1,0 +1,265 @@
+"""A real libreswan gateway and peer, each a User-Mode Linux guest.
+
+This kernel has XFRM but no ESP, and libreswan has no userspace ESP, so pluto
+runs inside UML guests (Debian's user-mode-linux kernel, which has esp4 and the
+crypto as modules). Each guest sits in its own network namespace; its network
+card is a raw socket on that namespace's end of a veth pair. Its root is a
+Debian root built once with debootstrap (libreswan, Python and its
+prometheus_client from that release), mounted over hostfs read-only; the repo is
+mounted at /repo and a per-guest host directory writable at /lab.
+
+Commands run in a guest through /lab/cmd: the host drops NAME.sh there, the
+guest's init runs it and leaves NAME.sh.out and NAME.sh.rc (pluto's control
+socket answers only inside the guest).
+
+Cached under CACHE (never the host's apt state): the UML kernel and its modules
+(`apt-get download` + `dpkg -x`) and one root per suite, each built under a lock.
+Needs root, iproute2, debootstrap, dpkg and apt-get.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE = Path("/var/cache/ipsec-textfile-libreswan")
+MIRROR = "http://deb.debian.org/debian"
+SUITES = {"bookworm": "4.10", "trixie": "5.2"}  # Debian release: its libreswan
+# bind9-host: libreswan depends on the virtual "host", which debootstrap does not resolve.
+ROOT_PACKAGES = ["libreswan", "bind9-host", "python3", "python3-prometheus-client", "iproute2", "kmod", "iputils-ping",
+                 "procps", "libnss3-tools"]
+REPO = Path(__file__).resolve().parent.parent
+PSK = "ipsec-textfile-libreswan-lab"
+# Modules pluto's IPsec SAs need (the kernel has none of them built in).
+MODULES = ["esp4", "xfrm4_tunnel", "xfrm_user", "tunnel4", "xfrm_ipcomp", "authenc", "authencesn", "echainiv",
+           "seqiv", "gcm", "ghash-generic", "ctr", "cbc", "aes_generic", "sha256_generic", "sha512_generic",
+           "hmac", "chacha20poly1305", "cmac", "xcbc"]
+
+# Runs as the guest's PID 1 (written into each root when it is built): the host
+# directory named by the kernel's labdir= parameter (init's environment) becomes
+# /lab, and /lab/init takes over.
+BOOTSTRAP = """\
+#!/bin/sh
+mount -t proc proc /proc
+mount -t hostfs none /lab -o "$labdir"
+exec /bin/sh /lab/init
+"""
+
+GUEST_INIT = """\
+#!/bin/sh
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mount -t sysfs sys /sys
+for dir in /run /tmp /var/lib/ipsec /var/log; do mount -t tmpfs tmpfs $dir; done
+mount -t hostfs none /repo -o {repo},ro
+mount -t hostfs none /uml -o {modules},ro
+for f in ipsec.conf ipsec.secrets; do mount --bind /lab/etc/$f /etc/$f; done
+# The kernel loads what else it needs (crypto templates) through this wrapper.
+printf '#!/bin/sh\nexec /sbin/modprobe -d /uml "$@"\n' > /run/modprobe
+chmod 755 /run/modprobe
+echo /run/modprobe > /proc/sys/kernel/modprobe
+for m in {modules_list}; do modprobe -d /uml $m 2>/dev/null; done
+ip link set lo up
+ip link set vec0 up
+ip addr add {address}/24 dev vec0
+ip route add 10.0.0.0/8 via {other} dev vec0
+{extra_addresses}
+mkdir -p /var/lib/ipsec/nss /run/pluto
+certutil -N -d sql:/var/lib/ipsec/nss --empty-password
+/usr/libexec/ipsec/pluto --config /etc/ipsec.conf --nofork --stderrlog >/lab/pluto.log 2>&1 &
+echo booted > /lab/booted
+while :; do
+  for f in /lab/cmd/*.sh; do
+    [ -e "$f" ] || continue
+    sh "$f" > "$f.out" 2>&1
+    echo $? > "$f.rc.tmp"
+    mv "$f.rc.tmp" "$f.rc"
+    mv "$f" "$f.done"
+  done
+  sleep 0.05
+done
+"""
+
+
+def missing_tools() -> list[str]:
+    """What this machine lacks to run the libreswan lab (empty when it can)."""
+    missing = [t for t in ("ip", "debootstrap", "dpkg", "apt-get") if not shutil.which(t)]
+    return missing + ([] if os.geteuid() == 0 else ["root"])
+
+
+def run(args: list[str], timeout: float = 60, check: bool = True) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+@contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def kernel() -> tuple[Path, Path]:
+    """The UML kernel and the directory modprobe -d needs (lib/modules/VERSION below it)."""
+    base = CACHE / "uml"
+    with cache_lock("uml"):
+        if not (base / "usr/bin/linux.uml").exists():
+            debs = CACHE / "uml-debs"
+            shutil.rmtree(debs, ignore_errors=True)
+            debs.mkdir()
+            subprocess.run(["apt-get", "download", "user-mode-linux"], cwd=debs, check=True,
+                           capture_output=True, timeout=300)
+            tmp = CACHE / "uml.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            for deb in debs.glob("*.deb"):
+                run(["dpkg", "-x", str(deb), str(tmp)])
+            modules = tmp / "lib" / "modules"
+            modules.mkdir(parents=True)
+            for version in (tmp / "usr/lib/uml/modules").iterdir():
+                (modules / version.name).symlink_to(f"../../usr/lib/uml/modules/{version.name}")
+            tmp.rename(base)
+    return base / "usr/bin/linux.uml", base
+
+
+def guest_root(suite: str) -> Path:
+    """A Debian root of that suite with libreswan, built once (2 to 3 minutes)."""
+    root = CACHE / f"root-{suite}"
+    with cache_lock(f"root-{suite}"):
+        if not (root / "sbin/lab-init").exists() or not (root / "etc/ipsec.conf").exists():
+            tmp = CACHE / f"root-{suite}.tmp"
+            if not (root / "usr/libexec/ipsec/pluto").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                run(["debootstrap", "--variant=minbase", f"--include={','.join(ROOT_PACKAGES)}", suite,
+                     str(tmp), MIRROR], timeout=1200)
+                tmp.rename(root)
+            for mount_point in ("lab", "repo", "uml"):
+                (root / mount_point).mkdir(exist_ok=True)
+            for config in ("etc/ipsec.conf", "etc/ipsec.secrets"):  # bind-mounted over in each guest
+                (root / config).touch()
+            (root / "sbin/lab-init").write_text(BOOTSTRAP)
+            (root / "sbin/lab-init").chmod(0o755)
+    return root
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Guest:
+    name: str
+    netns: str
+    labdir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def run(self, script: str, timeout: float = 30, check: bool = True) -> str:
+        """Run a shell script inside the guest; its output (stdout and stderr)."""
+        cmd = self.labdir / "cmd"
+        name = f"{time.monotonic_ns()}.sh"
+        (cmd / f"{name}.tmp").write_text(script)
+        (cmd / f"{name}.tmp").rename(cmd / name)
+        rc = cmd / f"{name}.rc"
+        wait_for(rc.exists, timeout, f"`{script.strip()}` in {self.name}")
+        out = (cmd / f"{name}.out").read_text()
+        status = int(rc.read_text())
+        if check and status != 0:
+            raise RuntimeError(f"`{script.strip()}` in {self.name} failed ({status}): {out}")
+        return out
+
+    def whack(self, *args: str) -> str:
+        return self.run(" ".join(["ipsec", "whack", *args]) + "\n", check=False)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+
+
+@dataclass
+class LibreswanLab:
+    suite: str
+    workdir: Path
+    gateway: Guest
+    peer: Guest
+
+    @property
+    def version(self) -> str:
+        return SUITES[self.suite]
+
+    def destroy(self) -> None:
+        for guest in (self.gateway, self.peer):
+            guest.stop()
+        for guest in (self.gateway, self.peer):
+            run(["ip", "netns", "delete", guest.netns], check=False)
+
+
+_counter = itertools.count()
+
+
+def boot(suite: str, workdir: Path, gateway_conf: str, peer_conf: str, gateway_extra: list[str],
+         peer_extra: list[str]) -> LibreswanLab:
+    """Two guests on one wire, 192.168.0.1 (gateway) and .2 (peer), each running pluto."""
+    linux, modules = kernel()
+    root = guest_root(suite)
+    tag = f"lsw{os.getpid()}x{next(_counter)}"
+    guests = []
+    for role, address, other, conf, extra in (("gw", "192.168.0.1", "192.168.0.2", gateway_conf, gateway_extra),
+                                              ("peer", "192.168.0.2", "192.168.0.1", peer_conf, peer_extra)):
+        labdir = workdir / role
+        for sub in ("cmd", "etc", "textfile"):
+            (labdir / sub).mkdir(parents=True)
+        labdir.chmod(0o755)
+        (labdir / "etc/ipsec.conf").write_text(conf)
+        secrets = labdir / "etc/ipsec.secrets"
+        secrets.write_text(f'%any %any : PSK "{PSK}"\n')
+        secrets.chmod(0o600)
+        addresses = "\n".join(f"ip addr add {a} dev lo" for a in extra)
+        (labdir / "init").write_text(GUEST_INIT.format(
+            repo=REPO, modules=modules, modules_list=" ".join(MODULES), address=address,
+            other=other, extra_addresses=addresses))
+        guests.append(Guest(role, f"{tag}{role}", labdir))
+    gateway, peer = guests
+    lab = LibreswanLab(suite, workdir, gateway, peer)
+    try:
+        run(["ip", "netns", "add", gateway.netns])
+        run(["ip", "netns", "add", peer.netns])
+        run(["ip", "link", "add", "veth-lsw", "netns", gateway.netns, "type", "veth", "peer", "name",
+             "veth-lsw", "netns", peer.netns])
+        for guest in guests:
+            run(["ip", "-n", guest.netns, "link", "set", "veth-lsw", "up"])
+            console = open(guest.labdir / "console.log", "wb")  # noqa: SIM115 (the guest keeps it)
+            guest.process = subprocess.Popen(
+                ["ip", "netns", "exec", guest.netns, str(linux), "mem=192M", "root=/dev/root",
+                 "rootfstype=hostfs", f"rootflags={root}", "ro", "init=/sbin/lab-init",
+                 f"labdir={guest.labdir}", "vec0:transport=raw,ifname=veth-lsw,depth=128",
+                 "con=null", "con0=null,fd:1", f"umid={guest.netns}"],
+                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": str(workdir), "HOME": str(workdir)})
+            console.close()
+        for guest in guests:
+            wait_for((guest.labdir / "booted").exists, 60, f"{guest.name} to boot")
+            wait_for(lambda g=guest: "listening" in g.whack("--status") or  # type: ignore[misc]
+                     "interface" in g.whack("--status"), 30, f"pluto in {guest.name}")
+    except BaseException:
+        lab.destroy()
+        raise
+    return lab

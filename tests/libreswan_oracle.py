@@ -1,0 +1,68 @@
+"""libreswan's own verdict on a config: its readwriteconf, run from a lab root.
+
+readwriteconf is libreswan's config parser (lib/libipsecconf, the one addconn uses)
+printing every conn as it resolved it. It runs from the Debian roots the libreswan lab
+builds (libreswan_lab.guest_root), through that root's dynamic loader and libraries, so
+nothing is installed on the host (libreswan conflicts with strongSwan's starter).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libreswan_lab
+
+LOADED = {"add", "ondemand", "route", "start", "keep", "up"}  # route, up: 5.x prints the old names
+SHUNTS = {"passthrough", "pass", "drop", "reject"}
+
+
+@dataclass
+class Verdict:
+    error: bool
+    conns: list[str] = field(default_factory=list)  # every conn, in order
+    auto: dict[str, str] = field(default_factory=dict)
+    shunts: set[str] = field(default_factory=set)
+    dropped: set[str] = field(default_factory=set)
+
+    @property
+    def loaded(self) -> list[str]:
+        return [c for c in self.conns if c not in self.dropped and self.auto.get(c) in LOADED]
+
+
+def readwriteconf(suite: str, config: Path, rootdir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    root = libreswan_lab.guest_root(suite)
+    libraries = f"{root}/usr/lib/x86_64-linux-gnu:{root}/lib/x86_64-linux-gnu"
+    command = [f"{root}/lib64/ld-linux-x86-64.so.2", "--library-path", libraries,
+               f"{root}/usr/libexec/ipsec/readwriteconf", "--config", str(config)]
+    if rootdir is not None:
+        command += ["--rootdir", str(rootdir)]
+    return subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=30, check=False)
+
+
+def verdict(suite: str, config: Path, rootdir: Path | None = None) -> Verdict:
+    proc = readwriteconf(suite, config, rootdir)
+    if proc.returncode not in (0, 1) or "ERROR:" in proc.stderr or "cannot be loaded" in proc.stderr:
+        return Verdict(error=True)
+    result = Verdict(error=False)
+    current = None
+    for line in proc.stdout.splitlines():
+        conn = re.match(r"conn (.*)$", line)
+        if conn:
+            current = conn.group(1)
+            result.conns.append(current)
+            result.auto[current] = "ignore"
+            continue
+        if current is None:
+            continue
+        for key, value in re.findall(r"\b(auto|type)=(\S+)", line):
+            if key == "auto":
+                result.auto[current] = "ondemand" if value == "route" else "start" if value == "up" else value
+            elif value in SHUNTS:
+                result.shunts.add(current)
+            else:
+                result.shunts.discard(current)
+    result.dropped = set(re.findall(r"while loading '(.*?)':", proc.stderr))
+    return result

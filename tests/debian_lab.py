@@ -8,6 +8,9 @@ tunnels of the states lab up against the host's strongSwan in the peer namespace
 prometheus-node-exporter service serves the textfile directory, and the collector runs from
 its systemd timer.
 
+Beside the gateways, a builder root of each release (Debian's build tools, no gateway) builds
+the Debian package (debian/) as that release's own tools do, for tests/test_package.py.
+
     python3 tests/debian_lab.py --build     builds (or checks) the cached roots
     python3 tests/debian_lab.py --report    boots every gateway and prints README's figures
 
@@ -570,21 +573,24 @@ def figure(gateway: Gateway, cached_root: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--build", action="store_true", help="build the cached roots this machine lacks")
+    action.add_argument("--build", action="store_true",
+                        help="build the cached roots this machine lacks (gateways and builders)")
     action.add_argument("--report", action="store_true", help="boot the gateways and print their figures")
-    parser.add_argument("kinds", nargs="*", metavar="KIND", help=f"some of {', '.join(KINDS)} (default: all)")
+    parser.add_argument("kinds", nargs="*", metavar="KIND",
+                        help=f"some of {', '.join(KINDS)}, and for --build {', '.join(BUILDERS)} (default: all)")
     args = parser.parse_args()
-    if set(args.kinds) - KINDS.keys():
-        parser.error(f"unknown: {' '.join(sorted(set(args.kinds) - KINDS.keys()))}")
-    kinds = [KINDS[name] for name in args.kinds or KINDS]
+    known: dict[str, Kind | Builder] = {**KINDS, **BUILDERS} if args.build else {**KINDS}
+    if set(args.kinds) - known.keys():
+        parser.error(f"unknown: {' '.join(sorted(set(args.kinds) - known.keys()))}")
     if missing_tools():
         sys.exit(f"missing: {', '.join(missing_tools())}")
     started = time.monotonic()
-    roots = build_roots(kinds)
+    roots = build_roots([known[name] for name in args.kinds or known])
     if args.build:
         for name, root in roots.items():
             print(f"{name}: {root}")
     else:
+        kinds = [KINDS[name] for name in args.kinds or KINDS]
         with tempfile.TemporaryDirectory(prefix="debian-lab-") as scratch, \
                 concurrent.futures.ThreadPoolExecutor(max_workers=len(kinds)) as pool:
             lines = pool.map(lambda kind: figure(Gateway(kind, Path(scratch) / kind.name), roots[kind.name]),

@@ -600,62 +600,362 @@ def read_config(path: str, root: str | None = None) -> list[Tunnel]:
 # ---------------------------------------------------------------- read config: libreswan
 
 
-# libreswan reads the same file format with its own rules (lib/libipsecconf, checked
-# against its readwriteconf): auto= has more values and defaults to ignore, "route" and
-# "up" are old names of ondemand and start; also= and %default merge, but a key that a
-# conn and one of its also= targets set to different values drops the conn, as does a
-# missing target.
-_LIBRESWAN_AUTO = {"ignore": "ignore", "add": "add", "ondemand": "ondemand", "route": "ondemand",
-                   "start": "start", "up": "start", "keep": "keep"}
-_LIBRESWAN_LOADED = {"add", "ondemand", "start", "keep"}
-_LIBRESWAN_SHUNTS = {"passthrough", "pass", "drop", "reject"}
+# libreswan reads the same kind of file with its own lexer and rules (lib/libipsecconf),
+# and they changed between 4.x and 5.x. Checked against each version's readwriteconf:
+#   - a setting is one indented "key=value" line; the value is one word, "quoted" or
+#     {braced}; keywords match without case, X- and x_ keys are comments;
+#   - an unknown keyword rejects the file (both); 4.x also rejects a bad value of a
+#     boolean or enumerated keyword and a conn keyword in config setup, where 5.x warns
+#     and ignores the setting;
+#   - auto= defaults to ignore; route and up are old names of ondemand and start;
+#   - a conn's settings, then its also= sections', then %default's: 4.x drops a conn
+#     whose key is set twice to different values (in it or by an also= section), or whose
+#     also= target is missing; 5.x keeps the first value it reads (also= expands in place);
+#   - two conns of one name are both read; pluto keeps the later one.
+_LSW_AUTO = {"ignore": "ignore", "add": "add", "ondemand": "ondemand", "route": "ondemand",
+             "start": "start", "up": "start", "keep": "keep"}
+_LSW_LOADED = {"add", "ondemand", "start", "keep"}
+_LSW_SHUNTS = {"passthrough", "pass", "drop", "reject"}
+_LSW_TYPES = {"tunnel", "transport", *_LSW_SHUNTS}
+_LSW4_BOOLEAN_WORDS = {"y", "yes", "true", "on", "n", "no", "false", "off"}
+_LSW_KEY = re.compile(r'[^"=\t\n ]+')
+_LSW_VALUE = re.compile(r'"[^"\n]*"|\{[^"\n]*\}|[^"\t\n ]+')
+_LSW_BLANKS = re.compile(r"[\t ]*")
 
 
-def read_libreswan_config(path: str, root: str | None = None) -> list[Tunnel]:
+# Keywords both 4.10 and 5.2 know (probed with their readwriteconf; matched without case).
+_LSW_KEYWORDS = frozenset({
+    "accept-redirect", "accept-redirect-to", "addresspool", "aggressive", "aggrmode", "ah", "also",
+    "audit-log", "auth", "authby", "autheap", "auto", "ca", "cat", "cert", "cisco-unity", "ckaid",
+    "clientaddrfamily", "compress", "connalias", "crl-strict", "crlcheckinterval", "curl-iface",
+    "curl-timeout", "ddos-ike-threshold", "ddos-mode", "decap-dscp", "dnssec-anchors", "dnssec-enable",
+    "dnssec-rootkey-file", "dpdaction", "dpddelay", "dpdtimeout", "drop-oppo-null", "dumpdir", "ecdsakey",
+    "enable-tcp", "encapsulation", "esn", "esp", "failureshunt", "fake-strongswan", "fragmentation",
+    "global-redirect", "global-redirect-to", "hostaddrfamily", "id", "ignore-peer-dns", "ike",
+    "ike-socket-bufsize", "ike-socket-errqueue", "ikelifetime", "ikepad", "ikeport", "ikev1-policy",
+    "ikev1-secctx-attr-type", "ikev2", "initial-contact", "interfaces", "intermediate", "ipsec-interface",
+    "ipsec-lifetime", "ipsec-max-bytes", "ipsec-max-packets", "ipsecdir", "keep-alive", "keyexchange",
+    "keyingtries", "keylife", "left", "leftaddresspool", "leftauth", "leftautheap", "leftca", "leftcat",
+    "leftcert", "leftckaid", "leftecdsakey", "leftid", "leftikeport", "leftmodecfgclient",
+    "leftmodecfgserver", "leftnexthop", "leftprotoport", "leftpubkey", "leftrsasigkey", "leftsendcert",
+    "leftsourceip", "leftsubnet", "leftsubnets", "leftupdown", "leftusername", "leftvti", "leftxauthclient",
+    "leftxauthserver", "leftxauthusername", "listen", "listen-tcp", "listen-udp", "logappend", "logfile",
+    "logip", "logtime", "mark", "mark-in", "mark-out", "max-halfopen-ike", "metric", "mobike",
+    "modecfgbanner", "modecfgclient", "modecfgdns", "modecfgdomains", "modecfgpull", "modecfgserver",
+    "ms-dh-downgrade", "mtu", "myvendorid", "narrowing", "nat-ikev1-method", "nat-keepalive",
+    "negotiationshunt", "nexthop", "nflog", "nflog-all", "nhelpers", "nic-offload", "nm-configured",
+    "nopmtudisc", "nssdir", "ocsp-cache-max-age", "ocsp-cache-min-age", "ocsp-cache-size", "ocsp-enable",
+    "ocsp-method", "ocsp-strict", "ocsp-timeout", "ocsp-trustname", "ocsp-uri", "overlapip",
+    "pam-authorize", "pfs", "phase2", "phase2alg", "plutodebug", "plutostderrlog", "policy-label", "ppk",
+    "priority", "protoport", "protostack", "pubkey", "reauth", "rekey", "rekeyfuzz", "rekeymargin",
+    "remote-peer-type", "remote_peer_type", "replay-window", "reqid", "require-id-on-certificate",
+    "retransmit-interval", "retransmit-timeout", "right", "rightaddresspool", "rightauth", "rightautheap",
+    "rightca", "rightcat", "rightcert", "rightckaid", "rightecdsakey", "rightid", "rightikeport",
+    "rightmodecfgclient", "rightmodecfgserver", "rightnexthop", "rightprotoport", "rightpubkey",
+    "rightrsasigkey", "rightsendcert", "rightsourceip", "rightsubnet", "rightsubnets", "rightupdown",
+    "rightusername", "rightvti", "rightxauthclient", "rightxauthserver", "rightxauthusername", "rsasigkey",
+    "salifetime", "sec-label", "secretsfile", "seedbits", "send-no-esp-tfc", "send-redirect",
+    "send-vendorid", "sendca", "sendcert", "sha2-truncbug", "shuntlifetime", "sourceip", "statsbin",
+    "subnet", "subnets", "syslog", "tcp-remoteport", "tfc", "type", "uniqueids", "updown", "username",
+    "virtual-private", "virtual_private", "vti", "vti-interface", "vti-routing", "vti-shared", "xauthby",
+    "xauthclient", "xauthfail", "xauthserver", "xauthusername", "xfrmlifetime"
+})
+
+# Known to 4.x only.
+_LSW_KEYWORDS_4 = frozenset({
+    "alsoflip", "forceencaps"
+})
+
+# Known to 5.x only.
+_LSW_KEYWORDS_5 = frozenset({
+    "debug", "encap-dscp", "groundhog", "ikev1-dpdtimeout", "interface-ip", "ipsec-interface-managed",
+    "iptfs", "iptfs-drop-time", "iptfs-fragmentation", "iptfs-init-delay", "iptfs-max-queue-size",
+    "iptfs-packet-size", "iptfs-reorder-window", "leftgroundhog", "leftinterface-ip",
+    "pfs-rekey-workaround", "ppk-ids", "rightgroundhog", "rightinterface-ip", "session-resumption"
+})
+
+# 4.x rejects the file when these appear in config setup.
+_LSW4_CONN_ONLY = frozenset({
+    "accept-redirect", "accept-redirect-to", "addresspool", "aggressive", "aggrmode", "ah", "also",
+    "alsoflip", "auth", "authby", "autheap", "auto", "ca", "cat", "cert", "cisco-unity", "ckaid",
+    "clientaddrfamily", "compress", "connalias", "decap-dscp", "dpdaction", "dpddelay", "dpdtimeout",
+    "ecdsakey", "enable-tcp", "encapsulation", "esn", "esp", "failureshunt", "fake-strongswan",
+    "forceencaps", "fragmentation", "hostaddrfamily", "id", "ignore-peer-dns", "ike", "ikelifetime",
+    "ikepad", "ikeport", "ikev2", "initial-contact", "intermediate", "ipsec-interface", "ipsec-lifetime",
+    "ipsec-max-bytes", "ipsec-max-packets", "keyexchange", "keyingtries", "keylife", "left",
+    "leftaddresspool", "leftauth", "leftautheap", "leftca", "leftcat", "leftcert", "leftckaid",
+    "leftecdsakey", "leftid", "leftikeport", "leftmodecfgclient", "leftmodecfgserver", "leftnexthop",
+    "leftprotoport", "leftpubkey", "leftrsasigkey", "leftsendcert", "leftsourceip", "leftsubnet",
+    "leftsubnets", "leftupdown", "leftusername", "leftvti", "leftxauthclient", "leftxauthserver",
+    "leftxauthusername", "mark", "mark-in", "mark-out", "metric", "mobike", "modecfgbanner",
+    "modecfgclient", "modecfgdns", "modecfgdomains", "modecfgpull", "modecfgserver", "ms-dh-downgrade",
+    "mtu", "narrowing", "nat-ikev1-method", "nat-keepalive", "negotiationshunt", "nexthop", "nflog",
+    "nic-offload", "nm-configured", "nopmtudisc", "overlapip", "pam-authorize", "pfs", "phase2",
+    "phase2alg", "policy-label", "ppk", "priority", "protoport", "pubkey", "reauth", "rekey", "rekeymargin",
+    "remote-peer-type", "remote_peer_type", "replay-window", "reqid", "require-id-on-certificate",
+    "retransmit-interval", "retransmit-timeout", "right", "rightaddresspool", "rightauth", "rightautheap",
+    "rightca", "rightcat", "rightcert", "rightckaid", "rightecdsakey", "rightid", "rightikeport",
+    "rightmodecfgclient", "rightmodecfgserver", "rightnexthop", "rightprotoport", "rightpubkey",
+    "rightrsasigkey", "rightsendcert", "rightsourceip", "rightsubnet", "rightsubnets", "rightupdown",
+    "rightusername", "rightvti", "rightxauthclient", "rightxauthserver", "rightxauthusername", "rsasigkey",
+    "salifetime", "sec-label", "send-no-esp-tfc", "send-redirect", "send-vendorid", "sendca", "sendcert",
+    "sha2-truncbug", "sourceip", "subnet", "subnets", "tcp-remoteport", "tfc", "type", "updown", "username",
+    "vti", "vti-interface", "vti-routing", "vti-shared", "xauthby", "xauthclient", "xauthfail",
+    "xauthserver", "xauthusername"
+})
+
+# 4.x lexes these as booleans: any other value than y/yes/true/on/n/no/false/off is a syntax error.
+_LSW4_BOOLEANS = frozenset({
+    "aggressive", "aggrmode", "audit-log", "cat", "cisco-unity", "compress", "crl-strict", "decap-dscp",
+    "dnssec-enable", "drop-oppo-null", "fake-strongswan", "ignore-peer-dns", "ike-socket-errqueue",
+    "ikepad", "initial-contact", "intermediate", "leftcat", "leftmodecfgclient", "leftmodecfgserver",
+    "leftxauthclient", "leftxauthserver", "listen-tcp", "listen-udp", "logappend", "logip", "logtime",
+    "mobike", "modecfgclient", "modecfgpull", "modecfgserver", "ms-dh-downgrade", "narrowing",
+    "nat-keepalive", "nm-configured", "nopmtudisc", "ocsp-enable", "ocsp-strict", "overlapip",
+    "pam-authorize", "pfs", "reauth", "rekey", "require-id-on-certificate", "rightcat",
+    "rightmodecfgclient", "rightmodecfgserver", "rightxauthclient", "rightxauthserver", "send-no-esp-tfc",
+    "send-vendorid", "sha2-truncbug", "uniqueids", "vti-routing", "vti-shared", "xauthclient", "xauthserver"
+})
+
+# 4.x: an empty value is a syntax error (durations and sizes).
+_LSW4_NOT_EMPTY = frozenset({
+    "crlcheckinterval", "curl-timeout", "dpddelay", "dpdtimeout", "ikelifetime", "ipsec-lifetime",
+    "ipsec-max-bytes", "ipsec-max-packets", "keylife", "ocsp-cache-max-age", "ocsp-cache-min-age",
+    "rekeymargin", "retransmit-interval", "retransmit-timeout", "salifetime", "shuntlifetime"
+})
+
+# 4.x rejects the file for any other value of these (besides a plain number); lists take commas.
+_LSW4_ENUMS = {
+    "accept-redirect": ("auto", "no", "yes"),
+    "auth": ("eaponly", "ecdsa", "never", "null", "rsa", "rsasig", "secret"),
+    "autheap": ("none", "tls"),
+    "auto": ("add", "ignore", "keep", "ondemand", "route", "start", "up"),
+    "clientaddrfamily": ("inet", "inet6", "ipv4", "ipv6"),
+    "ddos-mode": ("auto", "busy", "unlimited"),
+    "dpdaction": ("clear", "hold", "restart", "restart_by_peer"),
+    "enable-tcp": ("fallback", "no", "yes"),
+    "encapsulation": ("auto", "no", "yes"),
+    "esn": ("either", "no", "yes"),
+    "failureshunt": ("drop", "hold", "none", "passthrough", "reject"),
+    "fragmentation": ("force", "insist", "never", "no", "yes"),
+    "hostaddrfamily": ("inet", "inet6", "ipv4", "ipv6"),
+    "ikev1-policy": ("accept", "drop", "reject"),
+    "ikev2": ("always", "insist", "never", "no", "permit", "propose", "yes"),
+    "keyexchange": ("ike",),
+    "leftauth": ("eaponly", "ecdsa", "never", "null", "rsa", "rsasig", "secret"),
+    "leftautheap": ("none", "tls"),
+    "leftsendcert": ("always", "alwayssend", "never", "sendifasked"),
+    "nat-ikev1-method": ("both", "drafts", "none", "rfc"),
+    "negotiationshunt": ("drop", "hold", "passthrough"),
+    "nic-offload": ("auto", "no", "yes"),
+    "ocsp-method": ("get", "post"),
+    "phase2": ("ah", "default", "esp"),
+    "plutodebug": (
+        "all", "base", "debug-add-prefix", "debug-base", "debug-cpu-usage", "debug-crypt",
+        "debug-private", "debug-refcnt", "debug-tmi", "debug-whackwatch", "none", "private", "tmi"
+    ),
+    "ppk": ("always", "insist", "never", "no", "permit", "propose", "yes"),
+    "remote-peer-type": ("cisco",),
+    "remote_peer_type": ("cisco",),
+    "rightauth": ("eaponly", "ecdsa", "never", "null", "rsa", "rsasig", "secret"),
+    "rightautheap": ("none", "tls"),
+    "rightsendcert": ("always", "alwayssend", "never", "sendifasked"),
+    "send-redirect": ("auto", "no", "yes"),
+    "sendca": ("all", "issuer", "none"),
+    "sendcert": ("always", "alwayssend", "never", "sendifasked"),
+    "type": ("drop", "pass", "passthrough", "reject", "transport", "tunnel"),
+    "xauthby": ("alwaysok", "file", "pam"),
+    "xauthfail": ("hard", "soft"),
+}
+
+
+@dataclass
+class _LswSection:
+    name: str
+    items: list[tuple[str, str]] = field(default_factory=list)  # (keyword, value) and ("also", target)
+
+
+def read_libreswan_config(path: str, root: str | None = None, version: str = "") -> list[Tunnel]:
     """Every conn of ipsec.conf except %default, with what libreswan's addconn decides about it.
 
-    Raises ConfigError where libreswan rejects the whole file (syntax, a bad auto= value).
+    version: pluto's ("4.10", "5.2"); the rules of 5.x when unknown.
+    Raises ConfigError where libreswan rejects the whole file.
     """
-    parsed = _parse(path, root)
-    default = parsed.conns.get("%default")
-    tunnels = []
-    for name, section in parsed.conns.items():
-        if name == "%default":
+    major4 = version.split(".")[0] in ("3", "4")
+    conns: list[_LswSection] = []
+    setup: list[tuple[str, str]] = []
+    _lsw_read(path, root, major4, conns, setup, [], [])
+    for key, _ in setup:
+        if major4 and key in _LSW4_CONN_ONLY:
+            raise ConfigError(f"{path}: {key}= is a conn keyword, not one of config setup")
+    by_name = {c.name: c for c in conns}  # the later of two conns of one name
+    # Every conn %default section adds to the defaults; the first value of a key counts.
+    defaults = [(key, value) for c in conns if c.name == "%default" for key, value in c.items if key != "also"]
+    tunnels: dict[str, Tunnel] = {}
+    for conn in conns:
+        if conn.name == "%default":
             continue
-        settings, dropped = _libreswan_settings(name, section, parsed.conns)
-        auto = settings.get("auto")
-        if auto is None and default is not None:
-            auto = default.settings.get("auto")
-        if auto is not None and auto not in _LIBRESWAN_AUTO:
-            raise ConfigError(f"{path}: conn {name}: auto={auto} is not a libreswan auto= value")
-        effective = _LIBRESWAN_AUTO[auto] if auto else "ignore"
-        kind = settings.get("type") or (default.settings.get("type") if default is not None else None)
-        tunnels.append(Tunnel(name=name, auto=effective, shunt=kind in _LIBRESWAN_SHUNTS,
-                              loaded=not dropped and effective in _LIBRESWAN_LOADED))
-    return tunnels
+        settings, dropped = _lsw_resolve(conn, by_name, major4)
+        for key, value in defaults:
+            settings.setdefault(key, value)
+        auto = _LSW_AUTO.get(settings.get("auto", "").lower(), "ignore")
+        tunnel = Tunnel(name=conn.name, auto=auto, shunt=settings.get("type", "").lower() in _LSW_SHUNTS,
+                        loaded=not dropped and auto in _LSW_LOADED)
+        tunnels[conn.name] = tunnel  # keeps the first one's place, the later one's verdict
+    return list(tunnels.values())
 
 
-def _libreswan_settings(name: str, section: _Section, conns: dict[str, _Section]) -> tuple[dict[str, str], bool]:
-    """A conn's own and also= settings (%default apart), and whether libreswan drops the conn."""
-    merged = {k: v for k, v in section.settings.items() if v is not None}
-    seen = {name}
-    pending = list(reversed(section.also))  # _add_setting keeps them most important first
-    while pending:
-        target = pending.pop(0)
-        if target in seen:
-            continue  # a loop: libreswan reads each section once
-        seen.add(target)
-        parent = conns.get(target)
-        if parent is None:
-            return merged, True
-        for key, value in parent.settings.items():
+def _lsw_resolve(conn: _LswSection, conns: dict[str, _LswSection], major4: bool) -> tuple[dict[str, str], bool]:
+    """A conn's settings with its also= sections merged (%default apart), and whether 4.x drops it."""
+    settings: dict[str, str] = {}
+    dropped = False
+    seen = {conn.name}
+
+    def merge(section: _LswSection) -> None:
+        nonlocal dropped
+        for key, value in section.items:
+            if key == "also":
+                target = conns.get(value)
+                if target is None or target.name == "%default":
+                    dropped = dropped or major4
+                elif value not in seen:
+                    seen.add(value)
+                    merge(target)
+            elif key not in settings:
+                settings[key] = value
+            elif major4 and _lsw_differ(key, settings[key], value):
+                dropped = True
+
+    merge(conn)
+    return settings, dropped
+
+
+def _lsw_words(line: str) -> list[str]:
+    """A line's words as libreswan's lexer splits them: "=" alone, a value (or a conn's name)
+    after "=" or "conn", other words up to a blank, quote or "="; a comment runs from a "#"
+    to the end of the line only when that is longer than the word starting at the "#" (flex
+    takes the longest match), so "# note" is a comment and "#note" a word."""
+    words: list[str] = []
+    pos = _LSW_BLANKS.match(line).end()  # type: ignore[union-attr]
+    while pos < len(line):
+        if line[pos] == "=":
+            words.append("=")
+            pattern = _LSW_VALUE
+            pos += 1
+        elif words and words[-1] in ("=", "conn"):
+            pattern = _LSW_VALUE
+        else:
+            pattern = _LSW_KEY
+        pos = _LSW_BLANKS.match(line, pos).end()  # type: ignore[union-attr]
+        if pos >= len(line):
+            break
+        word = pattern.match(line, pos)
+        if pattern is _LSW_KEY and line[pos] == "#" and (word is None or word.end() < len(line)):
+            break
+        if word is None:  # a quote that does not close
+            raise ValueError(line[pos:])
+        words.append(word.group())
+        pos = _LSW_BLANKS.match(line, word.end()).end()  # type: ignore[union-attr]
+    return words
+
+
+def _lsw_differ(key: str, first: str, second: str) -> bool:
+    """Whether two values of one key differ for 4.x (enumerated ones without case)."""
+    return first.lower() != second.lower() if key in _LSW4_ENUMS else first != second
+
+
+def _lsw_read(path: str, root: str | None, major4: bool, conns: list[_LswSection],
+              setup: list[tuple[str, str]], stack: list[str], statements: list[str]) -> None:
+    """Read one file into conns and setup, included files in place (statements: the
+    unindented lines read so far, since "version" may only come first)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    stack = [*stack, os.path.realpath(path)]
+    section: _LswSection | None = None
+    in_setup = False
+    for number, line in enumerate(text.split("\n"), 1):
+        at = f"{path}:{number}"
+        stripped = line.strip(" \t")
+        if not stripped or stripped.startswith("#"):
+            continue
+        try:
+            words = _lsw_words(line)
+        except ValueError:
+            raise ConfigError(f"{at}: syntax error: unterminated string") from None
+        if line[0] in " \t":
+            if section is None and not in_setup:
+                raise ConfigError(f"{at}: syntax error: a setting outside a section")
+            key, lowered = words[0], words[0].lower()
+            if lowered.startswith(("x-", "x_")):  # a comment, with a value or (5.x) without
+                if major4 and (words[1:2] != ["="] or len(words) < 3):
+                    raise ConfigError(f"{at}: syntax error")
+                continue
+            if words[1:2] != ["="] or len(words) > 3:
+                raise ConfigError(f"{at}: syntax error")
+            if not major4 and lowered.startswith(("left-", "right-")):  # 5.x: left-subnet is leftsubnet
+                lowered = lowered.replace("-", "", 1)
+            if lowered not in _LSW_KEYWORDS and lowered not in (_LSW_KEYWORDS_4 if major4 else _LSW_KEYWORDS_5):
+                raise ConfigError(f"{at}: unknown keyword {key}")
+            raw = words[2] if len(words) == 3 else ""
+            value = _lsw_value(lowered, raw[1:-1] if raw[:1] in ('"', "{") else raw, raw, major4, at)
             if value is None:
                 continue
-            if merged.get(key, value) != value:
-                return merged, True
-            merged[key] = value
-        pending.extend(reversed(parent.also))
-    return merged, False
+            if in_setup:
+                setup.append((lowered, value))
+            elif section is not None:
+                section.items.append((lowered, value))
+            continue
+        word = words[0]
+        argument = words[1] if len(words) > 1 else None
+        extra = len(words) > 2 and not (major4 and word == "include")  # 4.x ignores more words there
+        if extra or word not in ("conn", "config", "include", "version") or word == "version" and statements:
+            raise ConfigError(f"{at}: syntax error")
+        statements.append(word)
+        if word == "conn" and argument:
+            name = argument[1:-1] if argument[:1] in ('"', "{") else argument
+            section, in_setup = _LswSection(name), False
+            conns.append(section)
+        elif word == "config" and argument == "setup":
+            section, in_setup = None, True
+        elif word == "include" and argument:
+            pattern = argument[1:-1] if argument.startswith('"') else argument
+            full = (root.rstrip("/") + pattern) if root and pattern.startswith("/") else pattern
+            for match in sorted(glob.glob(full)):
+                if os.path.realpath(match) not in stack:  # libreswan reads it again to depth 10: the same conns
+                    _lsw_read(match, root, major4, conns, setup, stack, statements)
+            section, in_setup = None, False
+        elif word != "version" or not argument:
+            raise ConfigError(f"{at}: syntax error")
+
+
+def _lsw_value(key: str, value: str, raw: str, major4: bool, at: str) -> str | None:
+    """The value libreswan keeps for a setting (raw: as written, quotes and all); None when
+    it ignores the setting: key= alone, and in 5.x a value it does not accept."""
+    if major4:
+        if key in _LSW4_BOOLEANS and (raw not in _LSW4_BOOLEAN_WORDS):
+            raise ConfigError(f"{at}: syntax error: {key} takes yes or no")
+        if key in _LSW4_NOT_EMPTY and not raw:
+            raise ConfigError(f"{at}: syntax error: {key} needs a value")
+        if not raw:  # key= alone is ignored
+            return None
+        allowed = _LSW4_ENUMS.get(key)
+        if allowed is not None and not raw.isdigit() and raw != "%forever":  # numbers pass the lexer
+            words = [value.lower()]
+            if key in ("auth", "leftauth", "rightauth"):  # lists
+                words = value.lower().split(",")
+            elif key == "plutodebug":
+                words = [word for word in re.split(r"[ ,+]", value.lower()) if word]
+            elif key == "keyexchange":  # ike, or ike: and options
+                words = [value.lower().split(":")[0]]
+            if not all(word in allowed for word in words):
+                raise ConfigError(f"{at}: {key}={value} is not a value libreswan 4 accepts")
+        return value
+    if key == "auto" and value.lower() not in _LSW_AUTO or key == "type" and value.lower() not in _LSW_TYPES:
+        return None
+    return value if raw else None
 
 
 # ---------------------------------------------------------------- query daemon
@@ -1740,15 +2040,16 @@ example cron line (/etc/cron.d/ipsec-textfile):
     return parser.parse_args(argv)
 
 
-def configured_tunnels(path: str | None, libreswan: bool) -> list[Tunnel] | None:
-    """ipsec.conf's tunnels, read as the daemon's own tools read it; None when no --config
-    was given and the default is absent, as on a host configured by swanctl.conf alone
-    (only VICI then names the tunnels)."""
+def configured_tunnels(path: str | None, pluto_version: str | None) -> list[Tunnel] | None:
+    """ipsec.conf's tunnels, read as starter reads it, or as libreswan of pluto_version does
+    (None: strongSwan; "": libreswan, version unknown); None when no --config was given and
+    the default is absent, as on a host configured by swanctl.conf alone (only VICI then
+    names the tunnels)."""
     if path is None:
         if not os.path.exists(DEFAULT_CONFIG):
             return None
         path = DEFAULT_CONFIG
-    return read_libreswan_config(path) if libreswan else read_config(path)
+    return read_config(path) if pluto_version is None else read_libreswan_config(path, version=pluto_version)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1766,8 +2067,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             state = daemon.query()
         except DaemonError as e:
             error = str(e)
-        libreswan = state.backend == "pluto" if state is not None else isinstance(daemon, PlutoDaemon)
-        tunnels = configured_tunnels(args.config, libreswan)
+        if state is not None:
+            pluto_version = state.version if state.backend == "pluto" else None
+        else:
+            pluto_version = "" if isinstance(daemon, PlutoDaemon) else None
+        tunnels = configured_tunnels(args.config, pluto_version)
         if state is None:
             raise DaemonError(error or "")
         if tunnels is None and state.backend != "vici":

@@ -19,6 +19,10 @@ LOADED = {"add", "ondemand", "route", "start", "keep", "up"}  # route, up: 5.x p
 SHUNTS = {"passthrough", "pass", "drop", "reject"}
 
 
+class OracleCrashed(Exception):
+    """readwriteconf died of a signal (4.10 does on an X- comment in conn %default)."""
+
+
 @dataclass
 class Verdict:
     error: bool
@@ -44,7 +48,12 @@ def readwriteconf(suite: str, config: Path, rootdir: Path | None = None) -> subp
 
 def verdict(suite: str, config: Path, rootdir: Path | None = None) -> Verdict:
     proc = readwriteconf(suite, config, rootdir)
-    if proc.returncode not in (0, 1) or "ERROR:" in proc.stderr or "cannot be loaded" in proc.stderr:
+    if proc.returncode < 0:
+        raise OracleCrashed(f"readwriteconf died of signal {-proc.returncode}")
+    # 4.x: status 3 (syntax), or 1 and nothing printed (a bad value); 5.x: FATAL, status 1
+    # or 3. A conn that fails its own checks (4.x: "while loading") leaves the rest.
+    if (proc.returncode not in (0, 1) or "FATAL" in proc.stderr
+            or (proc.returncode != 0 and not re.search(r"^(conn |config setup)", proc.stdout, re.MULTILINE))):
         return Verdict(error=True)
     result = Verdict(error=False)
     current = None
@@ -65,4 +74,6 @@ def verdict(suite: str, config: Path, rootdir: Path | None = None) -> Verdict:
             else:
                 result.shunts.discard(current)
     result.dropped = set(re.findall(r"while loading '(.*?)':", proc.stderr))
+    # Two conns of one name: pluto keeps the later (the collector reports one tunnel).
+    result.conns = list(dict.fromkeys(result.conns))
     return result

@@ -130,6 +130,14 @@ def test_the_package_holds_what_readme_says(host_build: HostBuild) -> None:
     assert "ipsec-textfile.service" not in postinst
 
 
+def test_the_package_version_is_the_projects() -> None:
+    # A native package: debian/changelog's version is the release's, the one setup.cfg gives pip.
+    changelog = re.match(r"\S+ \(([^)]+)\)", (ROOT / "debian" / "changelog").read_text())
+    setup = re.search(r"^version = (\S+)$", (ROOT / "setup.cfg").read_text(), re.MULTILINE)
+    assert changelog and setup
+    assert changelog.group(1) == setup.group(1)
+
+
 def test_the_man_page_names_every_option_and_backend_of_help() -> None:
     help_text = subprocess.run(["python3", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60,
                                check=True).stdout

@@ -1,22 +1,26 @@
 #!/usr/bin/env python3
-"""Report the health of strongSwan IPsec tunnels for node_exporter's textfile collector.
+"""Report the health of IPsec tunnels (strongSwan or libreswan) for node_exporter's textfile collector.
 
-One run reads ipsec.conf the way strongSwan's starter does, asks the IKE daemon
-once for the state of every SA, classifies each tunnel, and writes one .prom file
-atomically (temporary file + rename) under a lock.
+One run asks the IKE daemon once for the state of every SA, reads ipsec.conf the way
+that daemon's own tools do (strongSwan's starter, libreswan's addconn), classifies
+each tunnel, and writes one .prom file atomically (temporary file + rename) under a lock.
 
 The pipeline, one plain function a stage:
-    read_config -> Daemon.query -> classify -> build_registry -> write_output
+    Daemon.query -> read_config / read_libreswan_config -> classify -> build_registry -> write_output
 
 The file's sections, in that order:
     read config          read_config: ipsec.conf's conns as starter resolves them
+      libreswan          read_libreswan_config: as libreswan 4.x or 5.x resolves them
     query daemon         the Daemon interface and the DaemonState every backend returns
       stroke             StrokeDaemon runs `ipsec statusall`, parse_statusall reads it;
-                         StatusFile replays a saved one
+                         StatusFile replays a saved one (or a saved pluto answer)
       VICI               ViciDaemon asks charon's VICI socket, parse_vici reads the
                          answers; the protocol itself: vici_decode, vici_encode,
                          ViciConnection
-      auto               AutoDaemon: VICI when its socket answers, else stroke
+      pluto              PlutoDaemon runs `ipsec whack --status` and `--trafficstatus`
+                         (libreswan), parse_pluto reads them
+      auto               AutoDaemon: VICI when its socket answers, else pluto when its
+                         socket answers and charon's stroke socket is absent, else stroke
     classify             classify: each tunnel's ipsec_status and figures
     build metrics        metric_families, build_registry
     write file           write_output: a checked, held directory, flock, write_to_textfile

@@ -1565,6 +1565,10 @@ def _pluto_config(name: str, ends: str, ike_version: str) -> TunnelConfig:
     return TunnelConfig(name, local, remote, local_ts or local, remote_ts or remote, ike_version)
 
 
+class CommandTimeout(DaemonError):
+    """A command the daemon is asked through did not finish in time (and was killed)."""
+
+
 def run_command(command: list[str], timeout: float) -> tuple[str, str, int]:
     """stdout, stderr and exit status of a command, its whole process group killed on timeout."""
     shown = " ".join(command)
@@ -1585,7 +1589,7 @@ def run_command(command: list[str], timeout: float) -> tuple[str, str, int]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            raise DaemonError(f"`{shown}` did not answer within {timeout:g}s") from None
+            raise CommandTimeout(f"`{shown}` did not answer within {timeout:g}s") from None
     return stdout, stderr, proc.returncode
 
 
@@ -1602,7 +1606,11 @@ class PlutoDaemon:
         answers = []
         for option in ("--status", "--trafficstatus"):
             command = [self.ipsec, "whack", option]
-            stdout, stderr, code = run_command(command, max(0.001, deadline - time.monotonic()))
+            try:
+                stdout, stderr, code = run_command(command, max(0.001, deadline - time.monotonic()))
+            except CommandTimeout:
+                raise CommandTimeout(f"`{' '.join(command)}` did not answer within {self.timeout:g}s "
+                                     "(both whack queries together)") from None
             if code != 0:
                 said = (stderr.strip().splitlines() or stdout.strip().splitlines() or ["no output"])[-1]
                 raise DaemonError(f"`{' '.join(command)}` failed (exit {code}): {said}")

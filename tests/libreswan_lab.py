@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -257,8 +258,126 @@ def boot(suite: str, workdir: Path, gateway_conf: str, peer_conf: str, gateway_e
             console.close()
         for guest in guests:
             wait_for((guest.labdir / "booted").exists, 60, f"{guest.name} to boot")
-            wait_for(lambda g=guest: "listening" in g.whack("--status") or  # type: ignore[misc]
-                     "interface" in g.whack("--status"), 30, f"pluto in {guest.name}")
+            wait_for(lambda g=guest: "Connection list:" in g.whack("--status"),  # type: ignore[misc]
+                     30, f"pluto in {guest.name}")
+    except BaseException:
+        lab.destroy()
+        raise
+    return lab
+
+
+# ---- the states lab: a gateway conn in every ipsec_status state
+
+STATES_GATEWAY_CONF = """\
+config setup
+	ikev1-policy=accept
+
+conn %default
+	authby=secret
+	left=192.168.0.1
+	right=192.168.0.2
+	keyingtries=%forever
+
+conn up-v2
+	leftsubnet=10.1.1.0/24
+	rightsubnet=10.2.1.0/24
+	auto=start
+
+# same peer and ids as up-v2: its Child SA rides on up-v2's IKE SA
+conn rides
+	leftsubnet=10.1.9.0/24
+	rightsubnet=10.2.9.0/24
+	auto=start
+
+conn up-v1
+	ikev2=no
+	leftsubnet=10.1.2.0/24
+	rightsubnet=10.2.2.0/24
+	auto=start
+
+# the peer refuses its Child SA (other selectors): the IKE SA stays
+conn ike-only
+	leftid=@gw-ikeonly
+	rightid=@peer-ikeonly
+	leftsubnet=10.1.3.0/24
+	rightsubnet=10.2.3.0/24
+	auto=add
+
+conn added
+	leftsubnet=10.1.4.0/24
+	rightsubnet=10.2.4.0/24
+	auto=add
+
+conn ondemand
+	leftsubnet=10.1.5.0/24
+	rightsubnet=10.2.5.0/24
+	auto=ondemand
+
+# triggered by traffic during the test
+conn triggered
+	leftsubnet=10.1.10.0/24
+	rightsubnet=10.2.10.0/24
+	auto=ondemand
+
+conn silent
+	right=192.168.0.99
+	leftsubnet=10.1.6.0/24
+	rightsubnet=10.2.6.0/24
+	auto=start
+
+conn ignored
+	leftsubnet=10.1.7.0/24
+	rightsubnet=10.2.7.0/24
+	auto=ignore
+
+conn shunt
+	leftsubnet=10.1.8.0/24
+	rightsubnet=10.2.8.0/24
+	type=passthrough
+	authby=never
+	auto=ondemand
+"""
+
+PEER_CONNS = {"up-v2": 1, "rides": 9, "up-v1": 2, "ike-only": 3, "added": 4, "ondemand": 5, "triggered": 10}
+
+
+def states_peer_conf() -> str:
+    """The peer's side of STATES_GATEWAY_CONF: every conn it answers, auto=add."""
+    lines = ["config setup", "\tikev1-policy=accept", "",
+             "conn %default", "\tauthby=secret", "\tleft=192.168.0.2", "\tright=192.168.0.1", "\tauto=add", ""]
+    for name, net in PEER_CONNS.items():
+        net = 33 if name == "ike-only" else net  # selectors the gateway does not propose
+        lines += [f"conn {name}", f"\tleftsubnet=10.2.{net}.0/24", f"\trightsubnet=10.1.{net}.0/24"]
+        lines += ["\tikev2=no"] if name == "up-v1" else []
+        lines += ["\tleftid=@peer-ikeonly", "\trightid=@gw-ikeonly"] if name == "ike-only" else []
+        lines.append("")
+    return "\n".join(lines)
+
+
+# Each gateway conn's ipsec_status once start_states_lab returns.
+STATES_EXPECTED = {"up-v2": 0, "rides": 0, "up-v1": 0, "ike-only": 1, "added": 2, "ondemand": 2, "triggered": 0,
+                   "silent": 3, "ignored": 4, "shunt": 4}
+
+
+def states_settled(status: str) -> bool:
+    """up-v2, rides, up-v1 and triggered up, ike-only's IKE SA up, silent half-open."""
+    states = [line for line in status.splitlines() if re.match(r"(?:000 )?#\d+: ", line)]
+    children = sum("(established Child SA)" in s or "(IPsec SA established)" in s for s in states)
+    ike_only = any('"ike-only"' in s and "(established IKE SA)" in s for s in states)
+    return children >= 4 and ike_only and any('"silent"' in s and "IKE_SA_INIT" in s for s in states)
+
+
+def start_states_lab(suite: str, workdir: Path) -> LibreswanLab:
+    nets = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    lab = boot(suite, workdir, STATES_GATEWAY_CONF, states_peer_conf(), [f"10.1.{n}.1/32" for n in nets],
+               [f"10.2.{n}.1/32" for n in nets])
+    try:
+        lab.peer.run("ipsec addconn --autoall && ipsec whack --listen\n")
+        lab.gateway.run("ipsec addconn --autoall && ipsec whack --listen\n")
+        lab.gateway.run("ipsec whack --name ike-only --initiate --asynchronous\n")
+        # auto=ondemand: traffic into the trap brings it up.
+        lab.gateway.run("ping -c 3 -W 2 -I 10.1.10.1 10.2.10.1 || true\n", timeout=60)
+        wait_for(lambda: states_settled(lab.gateway.whack("--status")), 60, "the gateway's SAs")
     except BaseException:
         lab.destroy()
         raise

@@ -1,0 +1,211 @@
+"""pluto's answers as the libreswan lab's gateway gave them (4.10 and 5.2), the pluto backend's
+commands, --status-file replay, and how auto picks pluto."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import libreswan_lab
+import pytest
+
+import ipsec_textfile as it
+from conftest import FIXTURES, run_collector
+from promfile import by_tunnel, samples, value
+
+STATES_EXPECTED = libreswan_lab.STATES_EXPECTED
+VERSIONS = ["4.10", "5.2"]
+
+
+def fixture(version: str) -> Path:
+    return FIXTURES / f"libreswan-{version}"
+
+
+def snapshot(version: str) -> it.DaemonState:
+    return it.StatusFile(str(fixture(version) / "status.txt")).query()
+
+
+def statuses(version: str) -> dict[str, it.TunnelStatus]:
+    state = snapshot(version)
+    tunnels = it.read_libreswan_config(str(fixture(version) / "ipsec.conf"), version=state.version)
+    return {s.name: s for s in it.classify(tunnels, state)}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_tunnel_of_the_captured_lab_gets_its_status(version: str) -> None:
+    assert {name: s.status for name, s in statuses(version).items()} == STATES_EXPECTED
+    # The trap of auto=ondemand (4.10 shows the shunt's policy the same way; it is ignored).
+    assert {name for name, s in statuses(version).items() if s.routed and s.status != 4} == {"ondemand"}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_version_and_backend_come_from_the_answer(version: str) -> None:
+    state = snapshot(version)
+    assert (state.version, state.backend, state.counts_packets) == (version, "pluto", False)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_child_sa_riding_on_another_conns_ike_sa_is_up_and_names_its_carrier(version: str) -> None:
+    state = snapshot(version)
+    carriers = {sa.uid: sa.name for sa in state.ike_sas}
+    assert {c.name: carriers[c.ike_uid] for c in state.child_sas} == {
+        "up-v2": "up-v2", "rides": "up-v2", "up-v1": "up-v1", "triggered": "up-v2"}
+    rides = statuses(version)["rides"].detail
+    assert rides is not None and rides.ike is not None and rides.ike.name == "up-v2"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_bytes_are_trafficstatus_figures_and_packets_are_left_out(version: str) -> None:
+    text = (fixture(version) / "status.txt").read_text()
+    counted = {name: (int(i), int(o)) for name, i, o in
+               re.findall(r'#\d+: "([^"]+)", type=ESP, add_time=\d+, inBytes=(\d+), outBytes=(\d+)', text)}
+    for name, (bytes_in, bytes_out) in counted.items():
+        detail = statuses(version)[name].detail
+        assert detail is not None
+        assert (detail.traffic.bytes_in, detail.traffic.bytes_out) == (bytes_in, bytes_out)
+        assert (detail.traffic.packets_in, detail.traffic.packets_out) == (None, None)
+    # A tunnel without an IPsec SA has 0 bytes, and still no packet count.
+    added = statuses(version)["added"].detail
+    assert added is not None and added.traffic == it.NO_PACKETS
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_replayed_status_file_writes_no_packet_series(version: str, tmp_path: Path) -> None:
+    out = tmp_path / "ipsec.prom"
+    proc = run_collector("--config", str(fixture(version) / "ipsec.conf"), "--status-file",
+                         str(fixture(version) / "status.txt"), "--output", str(out))
+    assert (proc.returncode, proc.stderr) == (0, "")
+    text = out.read_text()
+    assert by_tunnel(text, "ipsec_status") == STATES_EXPECTED
+    assert not [name for name, _ in samples(text) if "packets" in name]
+    assert set(by_tunnel(text, "ipsec_in_bytes_total")) == {t for t, v in STATES_EXPECTED.items() if v != 4}
+    assert samples(text)[("ipsec_daemon_info", (("backend", "pluto"), ("version", version)))] == 1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tunnel_info_from_plutos_connection_list(version: str) -> None:
+    configs = snapshot(version).configs
+    assert configs["up-v1"] == it.TunnelConfig("up-v1", "192.168.0.1", "192.168.0.2", "10.1.2.0/24",
+                                               "10.2.2.0/24", "IKEv1")
+    assert configs["ike-only"] == it.TunnelConfig("ike-only", "192.168.0.1", "192.168.0.2", "10.1.3.0/24",
+                                                  "10.2.3.0/24", "IKEv2")
+    assert configs["silent"].remote == "192.168.0.99"
+    assert "ignored" not in configs  # pluto never loaded it
+
+
+def test_pluto_host_to_host_and_instances() -> None:
+    status = ("000 Connection list:\n"
+              '000 "host": 192.0.2.1[@a]...192.0.2.2[@b]; erouted; eroute owner: #3\n'
+              '000 "road"[1]: 192.0.2.1---192.0.2.254...198.51.100.7===10.9.0.1/32; erouted; eroute owner: #4\n'
+              '000 #2: "host":500 STATE_V2_ESTABLISHED_IKE_SA (established IKE SA); newest;\n'
+              '000 #3: "host":500 STATE_V2_ESTABLISHED_CHILD_SA (established Child SA); IKE SA #2;\n'
+              '000 #4: "road"[1] 198.51.100.7:4500 STATE_V2_ESTABLISHED_CHILD_SA (established Child SA); '
+              "IKE SA #5;\n")
+    state = it.parse_pluto(status, "")
+    assert state.configs == {"host": it.TunnelConfig("host", "192.0.2.1", "192.0.2.2", "192.0.2.1", "192.0.2.2",
+                                                     "")}
+    assert [(c.name, c.uid, c.ike_uid) for c in state.child_sas] == [("host", 3, 2), ("road", 4, 5)]
+
+
+@pytest.mark.parametrize("text", ["", "whack: Pluto is not running (no \"/run/pluto/pluto.ctl\")\n",
+                                  "Status of IKE charon daemon (strongSwan 5.9.8, Linux):\n"])
+def test_output_without_a_connection_list_is_an_error(text: str) -> None:
+    with pytest.raises(it.DaemonError):
+        it.parse_pluto(text, "")
+
+
+FAKE_IPSEC = """#!/bin/sh
+# a stand-in for libreswan's ipsec: whack --status / --trafficstatus print the capture
+case "$*" in
+  "whack --status"|"whack --trafficstatus") cat {status}; exit {code};;
+  statusall) cat {statusall};;
+  *) echo "ipsec: unknown command $*" >&2; exit 1;;
+esac
+"""
+
+
+def fake_ipsec(tmp_path: Path, status: Path, code: int = 0) -> Path:
+    script = tmp_path / "ipsec"
+    script.write_text(FAKE_IPSEC.format(status=status, code=code,
+                                        statusall=FIXTURES / "states" / "statusall.txt"))
+    script.chmod(0o755)
+    return script
+
+
+def test_backend_pluto_asks_whack(tmp_path: Path) -> None:
+    ipsec = fake_ipsec(tmp_path, fixture("5.2") / "status.txt")
+    out = tmp_path / "ipsec.prom"
+    proc = run_collector("--backend", "pluto", "--ipsec", str(ipsec), "--config",
+                         str(fixture("5.2") / "ipsec.conf"), "--output", str(out))
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert by_tunnel(out.read_text(), "ipsec_status") == STATES_EXPECTED
+
+
+def test_whack_failing_is_a_failed_run_that_says_why(tmp_path: Path) -> None:
+    status = tmp_path / "said.txt"
+    status.write_text('whack: Pluto is not running (no "/run/pluto/pluto.ctl")\n')
+    ipsec = fake_ipsec(tmp_path, status, code=1)
+    out = tmp_path / "ipsec.prom"
+    proc = run_collector("--backend", "pluto", "--ipsec", str(ipsec), "--config",
+                         str(fixture("5.2") / "ipsec.conf"), "--output", str(out))
+    assert proc.returncode == it.EXIT_RUN_FAILED
+    assert "Pluto is not running" in proc.stderr
+    text = out.read_text()
+    assert value(text, "ipsec_textfile_success") == 0
+    # Read as libreswan reads it: auto=ondemand is loaded (3 unknown), auto=ignore is not (4).
+    assert by_tunnel(text, "ipsec_status") == {t: 4 if v == 4 else 3 for t, v in STATES_EXPECTED.items()}
+
+
+def test_a_hung_whack_is_killed_with_its_children(tmp_path: Path) -> None:
+    ipsec = tmp_path / "ipsec"
+    pidfile = tmp_path / "child.pid"
+    ipsec.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\nwait\n")
+    ipsec.chmod(0o755)
+    started = time.monotonic()
+    with pytest.raises(it.DaemonError, match="did not answer within 1s"):
+        it.PlutoDaemon(str(ipsec), timeout=1).query()
+    assert time.monotonic() - started < 5
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{child}")
+
+
+@pytest.fixture
+def pluto_socket(tmp_path: Path) -> Iterator[Path]:
+    """A Unix socket that accepts connections, as pluto's control socket does."""
+    path = tmp_path / "pluto.ctl"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(4)
+        yield path
+
+
+def auto(tmp_path: Path, pluto_socket: Path, stroke_socket: Path) -> it.AutoDaemon:
+    ipsec = str(fake_ipsec(tmp_path, fixture("4.10") / "status.txt"))
+    return it.AutoDaemon(it.ViciDaemon(str(tmp_path / "no.vici"), 5), it.StrokeDaemon(ipsec, 5),
+                         it.PlutoDaemon(ipsec, 5), str(pluto_socket), str(stroke_socket))
+
+
+def test_auto_asks_pluto_when_its_socket_answers_and_charons_are_absent(tmp_path: Path,
+                                                                        pluto_socket: Path) -> None:
+    state = auto(tmp_path, pluto_socket, tmp_path / "no-charon.ctl").query()
+    assert (state.backend, state.version) == ("pluto", "4.10")
+
+
+def test_auto_asks_stroke_when_charons_stroke_socket_exists(tmp_path: Path, pluto_socket: Path) -> None:
+    # Both an `ipsec` and a pluto socket: charon's socket says strongSwan is the one running.
+    (tmp_path / "charon.ctl").touch()
+    assert auto(tmp_path, pluto_socket, tmp_path / "charon.ctl").query().backend == "stroke"
+
+
+def test_auto_asks_stroke_when_plutos_socket_is_stale(tmp_path: Path) -> None:
+    stale = tmp_path / "pluto.ctl"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(stale))  # bound, never listening: connections are refused
+    assert auto(tmp_path, stale, tmp_path / "no-charon.ctl").query().backend == "stroke"

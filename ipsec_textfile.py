@@ -1998,22 +1998,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ipsec-textfile",
         description=(
-            "Write the state and traffic of every IPsec tunnel of a strongSwan gateway (ipsec.conf "
-            "conns, and with VICI swanctl.conf children) to a .prom file for node_exporter's "
-            "textfile collector. Asks the IKE daemon once per run."
+            "Write the state and traffic of every IPsec tunnel of a strongSwan or libreswan gateway "
+            "(ipsec.conf conns, and with VICI swanctl.conf children) to a .prom file for "
+            "node_exporter's textfile collector. Asks the IKE daemon once per run."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"""\
 ipsec_status values:
-  0 up        a CHILD SA of the tunnel is INSTALLED
+  0 up        a CHILD SA (IPsec SA) of the tunnel is INSTALLED (established)
   1 IKE only  its IKE SA is ESTABLISHED, no CHILD SA
-  2 down      the daemon has no SA of it (a ROUTED trap policy alone is 2 too;
-              see ipsec_tunnel_routed)
+  2 down      the daemon has no SA of it (a trap policy alone, auto=route or
+              libreswan's auto=ondemand, is 2 too; see ipsec_tunnel_routed)
   3 unknown   any other state, or the daemon could not be asked
-  4 ignored   auto=ignore (strongSwan's default), or a shunt (type=pass/drop)
+  4 ignored   auto=ignore (the default), or a shunt (type=pass/drop/reject)
 
 Traffic counters (ipsec_in_bytes_total, ...) sum the tunnel's CHILD SAs and
-restart from 0 when one is rekeyed: use rate() or increase() on them.
+restart from 0 when one is rekeyed: use rate() or increase() on them. pluto
+gives no packet counts: with it the packet series are left out.
 
 exit status:
   {EXIT_OK}  the file was written with fresh data
@@ -2088,7 +2089,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DaemonError(error or "")
         if tunnels is None and state.backend != "vici":
             raise ConfigError(f"cannot read {DEFAULT_CONFIG}: No such file or directory "
-                              "(stroke knows tunnels only from it)")
+                              f"({state.backend} knows tunnels only from it)")
         statuses = classify(all_tunnels(tunnels or [], state.loaded), state)
     except (ConfigError, DaemonError) as e:
         error = str(e)

@@ -613,8 +613,9 @@ def read_config(path: str, root: str | None = None) -> list[Tunnel]:
 #     and ignores the setting;
 #   - auto= defaults to ignore; route and up are old names of ondemand and start;
 #   - a conn's settings, then its also= sections', then %default's: 4.x drops a conn
-#     whose key is set twice to different values (in it or by an also= section), or whose
-#     also= target is missing; 5.x keeps the first value it reads (also= expands in place);
+#     whose key is set twice (in it or by an also= section; to different values, or at all
+#     for string keys), or whose also= target is missing; 5.x keeps the first value it
+#     reads (also= expands in place);
 #   - two conns of one name are both read; pluto keeps the later one.
 _LSW_AUTO = {"ignore": "ignore", "add": "add", "ondemand": "ondemand", "route": "ondemand",
              "start": "start", "up": "start", "keep": "keep"}
@@ -728,6 +729,19 @@ _LSW4_NOT_EMPTY = frozenset({
     "rekeymargin", "retransmit-interval", "retransmit-timeout", "salifetime", "shuntlifetime"
 })
 
+# 4.x drops a conn that sets one of these twice even to the same value (strings; the other
+# keys only when the values differ).
+_LSW4_STRINGS = frozenset({
+    "accept-redirect-to", "addresspool", "ah", "alsoflip", "authby", "ca", "cert", "ckaid", "ecdsakey",
+    "esp", "id", "ike", "ipsec-interface", "leftaddresspool", "leftca", "leftcert", "leftckaid",
+    "leftecdsakey", "leftid", "leftnexthop", "leftprotoport", "leftpubkey", "leftrsasigkey", "leftsourceip",
+    "leftsubnet", "leftupdown", "leftusername", "leftvti", "leftxauthusername", "mark", "mark-in",
+    "mark-out", "modecfgbanner", "modecfgdns", "modecfgdomains", "nexthop", "phase2alg", "policy-label",
+    "protoport", "pubkey", "rightaddresspool", "rightca", "rightcert", "rightckaid", "rightecdsakey",
+    "rightid", "rightnexthop", "rightprotoport", "rightpubkey", "rightrsasigkey", "rightsourceip",
+    "rightsubnet", "rightupdown", "rightusername", "rightvti", "rightxauthusername", "rsasigkey",
+    "sec-label", "sourceip", "subnet", "updown", "username", "vti", "vti-interface", "xauthusername"
+})
 # 4.x rejects the file for any other value of these (besides a plain number); lists take commas.
 _LSW4_ENUMS = {
     "accept-redirect": ("auto", "no", "yes"),
@@ -803,7 +817,8 @@ def read_libreswan_config(path: str, root: str | None = None, version: str = "")
         for key, value in defaults:
             settings.setdefault(key, value)
         auto = _LSW_AUTO.get(settings.get("auto", "").lower(), "ignore")
-        tunnel = Tunnel(name=conn.name, auto=auto, shunt=settings.get("type", "").lower() in _LSW_SHUNTS,
+        kind = settings.get("type:shunt") or settings.get("type", "")
+        tunnel = Tunnel(name=conn.name, auto=auto, shunt=kind.lower() in _LSW_SHUNTS,
                         loaded=not dropped and auto in _LSW_LOADED)
         tunnels[conn.name] = tunnel  # keeps the first one's place, the later one's verdict
     return list(tunnels.values())
@@ -864,7 +879,10 @@ def _lsw_words(line: str) -> list[str]:
 
 
 def _lsw_differ(key: str, first: str, second: str) -> bool:
-    """Whether two values of one key differ for 4.x (enumerated ones without case)."""
+    """Whether 4.x counts a second value of a key as a conflict (enumerated ones compare
+    without case; a string key set twice always conflicts)."""
+    if key in _LSW4_STRINGS:
+        return True
     return first.lower() != second.lower() if key in _LSW4_ENUMS else first != second
 
 
@@ -907,6 +925,10 @@ def _lsw_read(path: str, root: str | None, major4: bool, conns: list[_LswSection
             value = _lsw_value(lowered, raw[1:-1] if raw[:1] in ('"', "{") else raw, raw, major4, at)
             if value is None:
                 continue
+            if not major4 and lowered == "type" and value.lower() in _LSW_SHUNTS:
+                # 5.x keeps a shunt apart from the mode: type=tunnel in a conn does not undo
+                # type=passthrough from %default or also=.
+                lowered = "type:shunt"
             if in_setup:
                 setup.append((lowered, value))
             elif section is not None:

@@ -1,9 +1,10 @@
-"""libreswan's own verdict on a config: its readwriteconf, run from a lab root.
+"""libreswan's own verdict on a config: its readwriteconf and addconn, run from a lab root.
 
 readwriteconf is libreswan's config parser (lib/libipsecconf, the one addconn uses)
-printing every conn as it resolved it. It runs from the Debian roots the libreswan lab
-builds (libreswan_lab.guest_root), through that root's dynamic loader and libraries, so
-nothing is installed on the host (libreswan conflicts with strongSwan's starter).
+printing every conn as it resolved it; `addconn --checkconfig` is the check operators
+run. Both run from the Debian roots the libreswan lab builds (libreswan_lab.guest_root),
+through that root's dynamic loader and libraries, so nothing is installed on the host
+(libreswan conflicts with strongSwan's starter).
 """
 
 from __future__ import annotations
@@ -36,14 +37,24 @@ class Verdict:
         return [c for c in self.conns if c not in self.dropped and self.auto.get(c) in LOADED]
 
 
-def readwriteconf(suite: str, config: Path, rootdir: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_tool(suite: str, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """One of /usr/libexec/ipsec's programs of that suite's libreswan."""
     root = libreswan_lab.guest_root(suite)
     libraries = f"{root}/usr/lib/x86_64-linux-gnu:{root}/lib/x86_64-linux-gnu"
     command = [f"{root}/lib64/ld-linux-x86-64.so.2", "--library-path", libraries,
-               f"{root}/usr/libexec/ipsec/readwriteconf", "--config", str(config)]
-    if rootdir is not None:
-        command += ["--rootdir", str(rootdir)]
+               f"{root}/usr/libexec/ipsec/{tool}", *args]
     return subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=30, check=False)
+
+
+def readwriteconf(suite: str, config: Path, rootdir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return run_tool(suite, "readwriteconf", "--config", str(config),
+                    *(["--rootdir", str(rootdir)] if rootdir is not None else []))
+
+
+def addconn_rejects(suite: str, config: Path) -> bool:
+    """Whether `addconn --checkconfig` refuses the file (its exit status is 0 either way)."""
+    said = run_tool(suite, "addconn", "--checkconfig", "--config", str(config)).stderr
+    return "cannot load config" in said or "FATAL" in said or re.search(r"^ERROR:", said, re.MULTILINE) is not None
 
 
 def verdict(suite: str, config: Path, rootdir: Path | None = None) -> Verdict:
@@ -62,7 +73,8 @@ def verdict(suite: str, config: Path, rootdir: Path | None = None) -> Verdict:
         if conn:
             current = conn.group(1)
             result.conns.append(current)
-            result.auto[current] = "ignore"
+            result.auto[current] = "ignore"  # a later conn of the same name starts afresh
+            result.shunts.discard(current)
             continue
         if current is None:
             continue

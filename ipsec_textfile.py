@@ -1536,6 +1536,7 @@ _PLUTO_POLICY = re.compile(_PLUTO_LINE_PREFIX + r'"(?P<name>[^"]+)"(?:\[\d+\][^:
 _PLUTO_STATE = re.compile(_PLUTO_LINE_PREFIX + r'#(?P<uid>\d+): "(?P<name>[^"]+)"(?:\[\d+\])?(?: \S+)?:\d+ '
                           r"(?P<state>[A-Z][A-Z0-9_]+) \((?P<what>[^)]*)\)(?P<rest>[^\n]*)", re.MULTILINE)
 _PLUTO_CARRIER = re.compile(r"\b(?:IKE|ISAKMP) SA #(\d+)")
+_PLUTO_REKEY = re.compile(r"\b(?:REKEY|REPLACE) in (\d+)s")  # an IKE SA's next rekey or replacement
 _PLUTO_CHILD_WORDS = ("QUICK", "CHILD", "IPSEC")  # IPsec SA states; the rest are IKE/ISAKMP SAs
 # Routing states of a conn that waits for traffic with a trap policy (auto=ondemand).
 _PLUTO_TRAPS = {"prospective erouted", "routed-ondemand"}
@@ -1561,7 +1562,9 @@ def parse_pluto(status: str, traffic: str) -> DaemonState:
             child.append(ChildSA(name, uid, "INSTALLED" if established else state,
                                  int(carrier.group(1)) if carrier else -1, counted.get(uid, NO_PACKETS)))
         else:
-            ike.append(IkeSA(name, uid, "ESTABLISHED" if established else "CONNECTING"))
+            rekeys = [float(r) for r in _PLUTO_REKEY.findall(m.group("rest"))]
+            ike.append(IkeSA(name, uid, "ESTABLISHED" if established else "CONNECTING",
+                             next_rekey=min(rekeys, default=None) if established else None))
     versions = {m.group("name"): m.group("version") for m in _PLUTO_POLICY.finditer(status)}
     routed = set()
     configs: dict[str, TunnelConfig] = {}

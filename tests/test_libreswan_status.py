@@ -59,6 +59,16 @@ def test_a_child_sa_riding_on_another_conns_ike_sa_is_up_and_names_its_carrier(v
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_ike_sas_have_their_next_rekey_but_no_age(version: str) -> None:
+    # "REKEY in 27839s; REPLACE in 28794s" (IKEv2), "REPLACE in 28210s" (IKEv1): the first.
+    established = [sa for sa in snapshot(version).ike_sas if sa.state == "ESTABLISHED"]
+    assert {sa.name for sa in established} == {"up-v2", "up-v1", "ike-only"}
+    assert all(sa.next_rekey is not None and 20000 < sa.next_rekey < 28800 for sa in established)
+    assert all(sa.age is None for sa in snapshot(version).ike_sas)  # pluto does not say
+    assert [sa.state for sa in snapshot(version).ike_sas if sa.name == "silent"] == ["CONNECTING"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_bytes_are_trafficstatus_figures_and_packets_are_left_out(version: str) -> None:
     text = (fixture(version) / "status.txt").read_text()
     counted = {name: (int(i), int(o)) for name, i, o in

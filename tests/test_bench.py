@@ -1,4 +1,4 @@
-"""The benchmark script keeps working (a smoke run at N=10; figures are not asserted)."""
+"""The benchmark scripts keep working (smoke runs at a few tunnels; figures are not asserted)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import lab
+import libreswan_lab
 from conftest import ROOT, require
 
 
@@ -18,3 +19,12 @@ def test_benchmark_runs_and_prints_its_table() -> None:
     header, row = proc.stdout.splitlines()[-2:]
     assert "(2)/(1)" in header and "(1)/(3)" in header and "RSS MiB" in header
     assert row.split()[0] == "10"
+
+
+def test_libreswan_benchmark_runs_and_prints_its_figures() -> None:
+    require(libreswan_lab.missing_tools(), "the libreswan benchmark lab")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "libreswan_bench.py"), "--tunnels", "3",
+                           "--suites", "bookworm"], capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.splitlines()[-1]
+    assert line.startswith("libreswan 4.10, 3 tunnels") and "(1)/(2)" in line and "(1)/(4)" in line

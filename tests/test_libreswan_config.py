@@ -8,14 +8,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import libreswan_lab
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from libreswan_oracle import OracleCrashed, Verdict, addconn_rejects, verdict
 
 import ipsec_textfile as it
+import libreswan_lab
 from conftest import ROOT, require
+from libreswan_oracle import OracleCrashed, Verdict, addconn_rejects, verdict
 
 CORPUS = ROOT.parent / "shared" / "corpus"
 SUITES = sorted(libreswan_lab.SUITES)

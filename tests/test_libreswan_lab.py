@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-import libreswan_lab
 import pytest
 
+import libreswan_lab
 from conftest import require
 from node_exporter import scrape_once
 from promfile import by_tunnel, samples, value

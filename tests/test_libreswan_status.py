@@ -10,10 +10,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import libreswan_lab
 import pytest
 
 import ipsec_textfile as it
+import libreswan_lab
 from conftest import FIXTURES, run_collector
 from promfile import by_tunnel, samples, value
 

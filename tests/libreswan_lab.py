@@ -27,10 +27,12 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from lab import run, wait_for
 
 CACHE = Path("/var/cache/ipsec-textfile-libreswan")
 MIRROR = "http://deb.debian.org/debian"
@@ -96,13 +98,6 @@ def missing_tools() -> list[str]:
     return missing + ([] if os.geteuid() == 0 else ["root"])
 
 
-def run(args: list[str], timeout: float = 60, check: bool = True) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
-
-
 @contextmanager
 def cache_lock(name: str) -> Iterator[None]:
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -124,7 +119,7 @@ def kernel() -> tuple[Path, Path]:
             tmp = CACHE / "uml.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             for deb in debs.glob("*.deb"):
-                run(["dpkg", "-x", str(deb), str(tmp)])
+                run(["dpkg", "-x", str(deb), str(tmp)], timeout=120)
             modules = tmp / "lib" / "modules"
             modules.mkdir(parents=True)
             for version in (tmp / "usr/lib/uml/modules").iterdir():
@@ -151,14 +146,6 @@ def guest_root(suite: str) -> Path:
             (root / "sbin/lab-init").write_text(BOOTSTRAP)
             (root / "sbin/lab-init").chmod(0o755)
     return root
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)
 
 
 @dataclass

@@ -679,35 +679,19 @@ _LSW_KEYWORDS_5 = frozenset({
     "pfs-rekey-workaround", "ppk-ids", "rightgroundhog", "rightinterface-ip", "session-resumption"
 })
 
-# 4.x rejects the file when these appear in config setup.
-_LSW4_CONN_ONLY = frozenset({
-    "accept-redirect", "accept-redirect-to", "addresspool", "aggressive", "aggrmode", "ah", "also",
-    "alsoflip", "auth", "authby", "autheap", "auto", "ca", "cat", "cert", "cisco-unity", "ckaid",
-    "clientaddrfamily", "compress", "connalias", "decap-dscp", "dpdaction", "dpddelay", "dpdtimeout",
-    "ecdsakey", "enable-tcp", "encapsulation", "esn", "esp", "failureshunt", "fake-strongswan",
-    "forceencaps", "fragmentation", "hostaddrfamily", "id", "ignore-peer-dns", "ike", "ikelifetime",
-    "ikepad", "ikeport", "ikev2", "initial-contact", "intermediate", "ipsec-interface", "ipsec-lifetime",
-    "ipsec-max-bytes", "ipsec-max-packets", "keyexchange", "keyingtries", "keylife", "left",
-    "leftaddresspool", "leftauth", "leftautheap", "leftca", "leftcat", "leftcert", "leftckaid",
-    "leftecdsakey", "leftid", "leftikeport", "leftmodecfgclient", "leftmodecfgserver", "leftnexthop",
-    "leftprotoport", "leftpubkey", "leftrsasigkey", "leftsendcert", "leftsourceip", "leftsubnet",
-    "leftsubnets", "leftupdown", "leftusername", "leftvti", "leftxauthclient", "leftxauthserver",
-    "leftxauthusername", "mark", "mark-in", "mark-out", "metric", "mobike", "modecfgbanner",
-    "modecfgclient", "modecfgdns", "modecfgdomains", "modecfgpull", "modecfgserver", "ms-dh-downgrade",
-    "mtu", "narrowing", "nat-ikev1-method", "nat-keepalive", "negotiationshunt", "nexthop", "nflog",
-    "nic-offload", "nm-configured", "nopmtudisc", "overlapip", "pam-authorize", "pfs", "phase2",
-    "phase2alg", "policy-label", "ppk", "priority", "protoport", "pubkey", "reauth", "rekey", "rekeymargin",
-    "remote-peer-type", "remote_peer_type", "replay-window", "reqid", "require-id-on-certificate",
-    "retransmit-interval", "retransmit-timeout", "right", "rightaddresspool", "rightauth", "rightautheap",
-    "rightca", "rightcat", "rightcert", "rightckaid", "rightecdsakey", "rightid", "rightikeport",
-    "rightmodecfgclient", "rightmodecfgserver", "rightnexthop", "rightprotoport", "rightpubkey",
-    "rightrsasigkey", "rightsendcert", "rightsourceip", "rightsubnet", "rightsubnets", "rightupdown",
-    "rightusername", "rightvti", "rightxauthclient", "rightxauthserver", "rightxauthusername", "rsasigkey",
-    "salifetime", "sec-label", "send-no-esp-tfc", "send-redirect", "send-vendorid", "sendca", "sendcert",
-    "sha2-truncbug", "sourceip", "subnet", "subnets", "tcp-remoteport", "tfc", "type", "updown", "username",
-    "vti", "vti-interface", "vti-routing", "vti-shared", "xauthby", "xauthclient", "xauthfail",
-    "xauthserver", "xauthusername"
+# config setup's own keywords; 4.x rejects the file when any other keyword appears there.
+_LSW_SETUP_ONLY = frozenset({
+    "audit-log", "crl-strict", "crlcheckinterval", "curl-iface", "curl-timeout", "ddos-ike-threshold",
+    "ddos-mode", "dnssec-anchors", "dnssec-enable", "dnssec-rootkey-file", "drop-oppo-null", "dumpdir",
+    "global-redirect", "global-redirect-to", "ike-socket-bufsize", "ike-socket-errqueue", "ikev1-policy",
+    "ikev1-secctx-attr-type", "interfaces", "ipsecdir", "keep-alive", "listen", "listen-tcp", "listen-udp",
+    "logappend", "logfile", "logip", "logtime", "max-halfopen-ike", "myvendorid", "nflog-all", "nhelpers",
+    "nssdir", "ocsp-cache-max-age", "ocsp-cache-min-age", "ocsp-cache-size", "ocsp-enable", "ocsp-method",
+    "ocsp-strict", "ocsp-timeout", "ocsp-trustname", "ocsp-uri", "plutodebug", "plutostderrlog",
+    "protostack", "rekeyfuzz", "secretsfile", "seedbits", "shuntlifetime", "statsbin", "syslog",
+    "uniqueids", "virtual-private", "virtual_private", "xfrmlifetime"
 })
+_LSW4_CONN_ONLY = (_LSW_KEYWORDS | _LSW_KEYWORDS_4) - _LSW_SETUP_ONLY
 
 # 4.x lexes these as booleans: any other value than y/yes/true/on/n/no/false/off is a syntax error.
 _LSW4_BOOLEANS = frozenset({

@@ -2080,30 +2080,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon = (StatusFile(args.status_file) if args.status_file
               else choose_daemon(args.backend, args.ipsec, args.vici_socket, args.timeout))
 
-    tunnels: list[Tunnel] | None = []
-    state = None
+    # The daemon first: which one answered decides how ipsec.conf is read.
+    state: DaemonState | None = None
     error = None
     try:
-        # The daemon first: which one answered decides how ipsec.conf is read.
-        try:
-            state = daemon.query()
-        except DaemonError as e:
-            error = str(e)
-        if state is not None:
-            pluto_version = state.version if state.backend == "pluto" else None
-        else:
-            pluto_version = "" if isinstance(daemon, PlutoDaemon) else None
+        state = daemon.query()
+    except DaemonError as e:
+        error = str(e)
+    if state is not None:
+        pluto_version = state.version if state.backend == "pluto" else None
+    else:
+        pluto_version = "" if isinstance(daemon, PlutoDaemon) else None
+
+    tunnels: list[Tunnel] | None = []
+    try:
         tunnels = configured_tunnels(args.config, pluto_version)
-        if state is None:
-            raise DaemonError(error or "")
-        if tunnels is None and state.backend != "vici":
+        if state is not None and tunnels is None and state.backend != "vici":
             raise ConfigError(f"cannot read {DEFAULT_CONFIG}: No such file or directory "
                               f"({state.backend} knows tunnels only from it)")
-        statuses = classify(all_tunnels(tunnels or [], state.loaded), state)
-    except (ConfigError, DaemonError) as e:
-        error = str(e)
+    except ConfigError as e:
+        error = str(e)  # reported before the daemon's own error, if both failed
         state = None
-        statuses = unknown_statuses(tunnels or [])
+    statuses = (classify(all_tunnels(tunnels or [], state.loaded), state) if state is not None
+                else unknown_statuses(tunnels or []))
 
     result = RunResult(statuses, state, time.time(), time.monotonic() - started)
     try:

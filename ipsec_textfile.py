@@ -45,10 +45,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Protocol
+from typing import TYPE_CHECKING, Any, Dict, Protocol, cast
 
 from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+
+if TYPE_CHECKING:  # for the type checker only: the runtime needs nothing from here
+    from prometheus_client.registry import Collector
 
 DEFAULT_CONFIG = "/etc/ipsec.conf"
 DEFAULT_OUTPUT = "/var/lib/prometheus/node-exporter/ipsec.prom"
@@ -1879,7 +1882,8 @@ class _RunCollector:
 
 def build_registry(result: RunResult) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(_RunCollector(result))
+    # prometheus_client types its collectors as a Protocol from 0.20 on, as an ABC before.
+    registry.register(cast("Collector", _RunCollector(result)))
     return registry
 
 

@@ -12,14 +12,15 @@ Commands run in a guest through /lab/cmd: the host drops NAME.sh there, the
 guest's init runs it and leaves NAME.sh.out and NAME.sh.rc (pluto's control
 socket answers only inside the guest).
 
-Cached under CACHE (never the host's apt state): the UML kernel and its modules
-(`apt-get download` + `dpkg -x`) and one root per suite, each built under a lock.
-Needs root, iproute2, debootstrap, dpkg and apt-get.
+Cached under CACHE (never the host's apt state): the UML kernel, its modules and
+the glibc it needs (`apt-get download` + `dpkg -x`), and one root per suite, each
+built under a lock. Needs root, iproute2, debootstrap, dpkg, apt-get and patchelf.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import itertools
 import os
 import re
@@ -38,20 +39,27 @@ CACHE = Path("/var/cache/ipsec-textfile-libreswan")
 MIRROR = "http://deb.debian.org/debian"
 SUITES = {"bookworm": "4.10", "trixie": "5.2"}  # Debian release: its libreswan
 # bind9-host: libreswan depends on the virtual "host", which debootstrap does not resolve.
+# The guests' kernel: sid's user-mode-linux (7.2 when first fetched) boots on every CPU
+# here; bookworm's 6.1 and trixie's 6.12 panic at init on CPUs with AMX ("ptrace set fp
+# regs failed"). It needs a newer glibc than bookworm's, so sid's libc6 comes along.
+UML_SUITE = "sid"
+UML_PACKAGES = ["user-mode-linux", "libc6"]
 ROOT_PACKAGES = ["libreswan", "bind9-host", "python3", "python3-prometheus-client", "iproute2", "kmod", "iputils-ping",
                  "procps", "libnss3-tools"]
 REPO = Path(__file__).resolve().parent.parent
 PSK = "ipsec-textfile-libreswan-lab"
 # Modules pluto's IPsec SAs need (the kernel has none of them built in).
 MODULES = ["esp4", "xfrm4_tunnel", "xfrm_user", "tunnel4", "xfrm_ipcomp", "authenc", "authencesn", "echainiv",
-           "seqiv", "gcm", "ghash-generic", "ctr", "cbc", "aes_generic", "sha256_generic", "sha512_generic",
-           "hmac", "chacha20poly1305", "cmac", "xcbc"]
+           "seqiv", "gcm", "ctr", "cbc", "aes", "sha256", "sha512", "hmac", "chacha20poly1305", "cmac", "xcbc"]
 
 # Runs as the guest's PID 1 (written into each root when it is built): the host
 # directory named by the kernel's labdir= parameter (init's environment) becomes
 # /lab, and /lab/init takes over.
 BOOTSTRAP = """\
 #!/bin/sh
+# hostfs takes its host path as one legacy option string: trixie's mount(8) would split
+# it into fsconfig() keys, which the new kernels' hostfs rejects.
+export LIBMOUNT_FORCE_MOUNT2=always
 mount -t proc proc /proc
 mount -t hostfs none /lab -o "$labdir"
 exec /bin/sh /lab/init
@@ -94,7 +102,7 @@ done
 
 def missing_tools() -> list[str]:
     """What this machine lacks to run the libreswan lab (empty when it can)."""
-    missing = [t for t in ("ip", "debootstrap", "dpkg", "apt-get") if not shutil.which(t)]
+    missing = [t for t in ("ip", "debootstrap", "dpkg", "apt-get", "patchelf") if not shutil.which(t)]
     return missing + ([] if os.geteuid() == 0 else ["root"])
 
 
@@ -106,45 +114,82 @@ def cache_lock(name: str) -> Iterator[None]:
         yield
 
 
-def kernel() -> tuple[Path, Path]:
-    """The UML kernel and the directory modprobe -d needs (lib/modules/VERSION below it)."""
-    base = CACHE / "uml"
-    with cache_lock("uml"):
-        if not (base / "usr/bin/linux.uml").exists():
-            debs = CACHE / "uml-debs"
-            shutil.rmtree(debs, ignore_errors=True)
-            debs.mkdir()
-            subprocess.run(["apt-get", "download", "user-mode-linux"], cwd=debs, check=True,
-                           capture_output=True, timeout=300)
-            tmp = CACHE / "uml.tmp"
+@dataclass(frozen=True)
+class Kernel:
+    """A UML kernel ready to run: the command that starts it and the tree modprobe -d needs."""
+
+    linux: Path
+    modules: Path  # lib/modules/VERSION lies below it
+    versions: str  # the packages it came from, "name version" a line
+
+
+def _private_apt(base: Path, suite: str) -> list[str]:
+    """apt-get options for a sources list of our own: the host's apt state is never touched."""
+    for sub in ("lists/partial", "archives/partial", "parts"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    (base / "sources.list").write_text(f"deb [signed-by={keyring}] {MIRROR} {suite} main\n")
+    return ["-o", f"Dir::Etc::sourcelist={base / 'sources.list'}", "-o", f"Dir::Etc::sourceparts={base / 'parts'}",
+            "-o", f"Dir::State::lists={base / 'lists'}", "-o", f"Dir::Cache={base}",
+            "-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root", "-qq"]
+
+
+def kernel() -> Kernel:
+    """UML_SUITE's kernel with that suite's glibc beside it, fetched and unpacked once.
+
+    The key names the suite and the packages; VERSIONS inside says which versions the
+    first fetch got (the suite moves on; a cache keeps what it booted)."""
+    key = hashlib.sha256(f"{MIRROR} {UML_SUITE} {' '.join(UML_PACKAGES)}".encode()).hexdigest()[:16]
+    base = CACHE / f"uml-{UML_SUITE}-{key}"
+    with cache_lock(base.name):
+        if not (base / "VERSIONS").exists():
+            tmp = CACHE / f"{base.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            for deb in debs.glob("*.deb"):
-                run(["dpkg", "-x", str(deb), str(tmp)], timeout=120)
-            modules = tmp / "lib" / "modules"
+            apt = _private_apt(tmp / "apt", UML_SUITE)
+            run(["apt-get", *apt, "update"], timeout=300)
+            subprocess.run(["apt-get", *apt, "download", *UML_PACKAGES], cwd=tmp / "apt", check=True,
+                           capture_output=True, timeout=600)
+            versions = []
+            for deb in sorted((tmp / "apt").glob("*.deb")):
+                run(["dpkg", "-x", str(deb), str(tmp / "tree")], timeout=120)
+                versions.append(run(["dpkg-deb", "-W", "--showformat=${Package} ${Version}\n", str(deb)]))
+            # Its glibc, newer than some hosts', serves it alone: the kernel's loader and library
+            # path point into the tree (run through that loader instead, UML's re-exec fails).
+            libs = base / "tree/usr/lib/x86_64-linux-gnu"
+            run(["patchelf", "--set-interpreter", str(libs / "ld-linux-x86-64.so.2"), "--set-rpath", str(libs),
+                 str(tmp / "tree/usr/bin/linux.uml")])
+            modules = tmp / "tree/lib/modules"
             modules.mkdir(parents=True)
-            for version in (tmp / "usr/lib/uml/modules").iterdir():
+            for version in (tmp / "tree/usr/lib/uml/modules").iterdir():
                 (modules / version.name).symlink_to(f"../../usr/lib/uml/modules/{version.name}")
+            shutil.rmtree(tmp / "apt")
+            (tmp / "VERSIONS").write_text("".join(versions))
             tmp.rename(base)
-    return base / "usr/bin/linux.uml", base
+    return Kernel(base / "tree/usr/bin/linux.uml", base / "tree", (base / "VERSIONS").read_text())
 
 
 def guest_root(suite: str) -> Path:
-    """A Debian root of that suite with libreswan, built once (2 to 3 minutes)."""
-    root = CACHE / f"root-{suite}"
-    with cache_lock(f"root-{suite}"):
-        if not (root / "sbin/lab-init").exists() or not (root / "etc/ipsec.conf").exists():
-            tmp = CACHE / f"root-{suite}.tmp"
-            if not (root / "usr/libexec/ipsec/pluto").exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-                run(["debootstrap", "--variant=minbase", f"--include={','.join(ROOT_PACKAGES)}", suite,
-                     str(tmp), MIRROR], timeout=1200)
-                tmp.rename(root)
-            for mount_point in ("lab", "repo", "uml"):
-                (root / mount_point).mkdir(exist_ok=True)
-            for config in ("etc/ipsec.conf", "etc/ipsec.secrets"):  # bind-mounted over in each guest
-                (root / config).touch()
-            (root / "sbin/lab-init").write_text(BOOTSTRAP)
-            (root / "sbin/lab-init").chmod(0o755)
+    """A Debian root of that suite with libreswan, built once (2 to 3 minutes).
+
+    Keyed by what debootstrap is asked for; the few files the lab adds are rewritten
+    whenever they differ, so a root never boots an older lab's init."""
+    key = hashlib.sha256(f"{MIRROR} {suite} {' '.join(ROOT_PACKAGES)}".encode()).hexdigest()[:16]
+    root = CACHE / f"root-{suite}-{key}"
+    with cache_lock(root.name):
+        if not (root / "usr/libexec/ipsec/pluto").exists():
+            tmp = CACHE / f"{root.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            run(["debootstrap", "--variant=minbase", f"--include={','.join(ROOT_PACKAGES)}", suite,
+                 str(tmp), MIRROR], timeout=1200)
+            tmp.rename(root)
+        for mount_point in ("lab", "repo", "uml"):
+            (root / mount_point).mkdir(exist_ok=True)
+        for config in ("etc/ipsec.conf", "etc/ipsec.secrets"):  # bind-mounted over in each guest
+            (root / config).touch()
+        init = root / "sbin/lab-init"
+        if not init.exists() or init.read_text() != BOOTSTRAP:
+            init.write_text(BOOTSTRAP)
+            init.chmod(0o755)
     return root
 
 
@@ -168,6 +213,20 @@ class Guest:
         if check and status != 0:
             raise RuntimeError(f"`{script.strip()}` in {self.name} failed ({status}): {out}")
         return out
+
+    def wait_booted(self, timeout: float) -> None:
+        """Until init has started; a guest that dies or panics first fails with its console's reason."""
+        console = self.labdir / "console.log"
+        deadline = time.monotonic() + timeout
+        while not (self.labdir / "booted").exists():
+            text = console.read_text(errors="replace") if console.exists() else ""
+            died = self.process is not None and self.process.poll() is not None
+            if died or "Kernel panic" in text or time.monotonic() > deadline:
+                panic = [line for line in text.splitlines() if "Kernel panic" in line]
+                what = "panicked" if panic else "exited" if died else f"did not boot within {timeout}s"
+                raise RuntimeError(f"guest {self.name} {what}: {panic[0].strip() if panic else ''}\n"
+                                   f"last lines of {console}:\n" + "\n".join(text.splitlines()[-15:]))
+            time.sleep(0.1)
 
     def whack(self, *args: str) -> str:
         return self.run(" ".join(["ipsec", "whack", *args]) + "\n", check=False)
@@ -206,7 +265,7 @@ _counter = itertools.count()
 def boot(suite: str, workdir: Path, gateway_conf: str, peer_conf: str, gateway_extra: list[str],
          peer_extra: list[str]) -> LibreswanLab:
     """Two guests on one wire, 192.168.0.1 (gateway) and .2 (peer), each running pluto."""
-    linux, modules = kernel()
+    uml = kernel()
     root = guest_root(suite)
     tag = f"lsw{os.getpid()}x{next(_counter)}"
     guests = []
@@ -222,7 +281,7 @@ def boot(suite: str, workdir: Path, gateway_conf: str, peer_conf: str, gateway_e
         secrets.chmod(0o600)
         addresses = "\n".join(f"ip addr add {a} dev lo" for a in extra)
         (labdir / "init").write_text(GUEST_INIT.format(
-            repo=REPO, modules=modules, modules_list=" ".join(MODULES), address=address,
+            repo=REPO, modules=uml.modules, modules_list=" ".join(MODULES), address=address,
             other=other, extra_addresses=addresses))
         guests.append(Guest(role, f"{tag}{role}", labdir))
     gateway, peer = guests
@@ -236,7 +295,7 @@ def boot(suite: str, workdir: Path, gateway_conf: str, peer_conf: str, gateway_e
             run(["ip", "-n", guest.netns, "link", "set", "veth-lsw", "up"])
             console = open(guest.labdir / "console.log", "wb")  # noqa: SIM115 (the guest keeps it)
             guest.process = subprocess.Popen(
-                ["ip", "netns", "exec", guest.netns, str(linux), "mem=192M", "root=/dev/root",
+                ["ip", "netns", "exec", guest.netns, str(uml.linux), "mem=192M", "root=/dev/root",
                  "rootfstype=hostfs", f"rootflags={root}", "ro", "init=/sbin/lab-init",
                  f"labdir={guest.labdir}", "vec0:transport=raw,ifname=veth-lsw,depth=128",
                  "con=null", "con0=null,fd:1", f"umid={guest.netns}"],
@@ -244,7 +303,7 @@ def boot(suite: str, workdir: Path, gateway_conf: str, peer_conf: str, gateway_e
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": str(workdir), "HOME": str(workdir)})
             console.close()
         for guest in guests:
-            wait_for((guest.labdir / "booted").exists, 60, f"{guest.name} to boot")
+            guest.wait_booted(60)
             wait_for(lambda g=guest: "Connection list:" in g.whack("--status"),  # type: ignore[misc]
                      30, f"pluto in {guest.name}")
     except BaseException:

@@ -222,10 +222,12 @@ class Guest:
             text = console.read_text(errors="replace") if console.exists() else ""
             died = self.process is not None and self.process.poll() is not None
             if died or "Kernel panic" in text or time.monotonic() > deadline:
-                panic = [line for line in text.splitlines() if "Kernel panic" in line]
-                what = "panicked" if panic else "exited" if died else f"did not boot within {timeout}s"
-                raise RuntimeError(f"guest {self.name} {what}: {panic[0].strip() if panic else ''}\n"
-                                   f"last lines of {console}:\n" + "\n".join(text.splitlines()[-15:]))
+                lines = text.splitlines()
+                # What led to a panic comes before it; the stack trace after it says little.
+                panic = next((i for i, line in enumerate(lines) if "Kernel panic" in line), None)
+                what = "panicked" if panic is not None else "exited" if died else f"did not boot within {timeout}s"
+                shown = lines[max(0, panic - 15):panic + 1] if panic is not None else lines[-15:]
+                raise RuntimeError(f"guest {self.name} {what}; {console} ends:\n" + "\n".join(shown))
             time.sleep(0.1)
 
     def whack(self, *args: str) -> str:

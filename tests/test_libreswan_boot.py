@@ -23,7 +23,7 @@ def test_a_guest_whose_init_fails_fails_with_its_console(tmp_path: Path, monkeyp
     assert "Attempted to kill init" in message
     # The kernel that booted is the one whose modules the lab loads (one cache entry, not two).
     uml = libreswan_lab.kernel()
-    booted = re.search(r"^Linux version (\S+)", (tmp_path / "gw/console.log").read_text(), re.M)
+    booted = re.search(r"^Linux version (\S+)", (tmp_path / "gw/console.log").read_text(), re.MULTILINE)
     assert booted is not None
     assert [d.name for d in (uml.modules / "usr/lib/uml/modules").iterdir()] == [booted.group(1)]
     assert "user-mode-linux " in uml.versions

@@ -134,13 +134,40 @@ def _private_apt(base: Path, suite: str) -> list[str]:
             "-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root", "-qq"]
 
 
+def _key(kind: str, suite: str, packages: list[str]) -> str:
+    """A cache entry's name: what it holds and a digest of what it was fetched from."""
+    return f"{kind}-{suite}-" + hashlib.sha256(f"{MIRROR} {suite} {' '.join(packages)}".encode()).hexdigest()[:16]
+
+
+def kernel_key() -> str:
+    return _key("uml", UML_SUITE, UML_PACKAGES)
+
+
+def root_key(suite: str) -> str:
+    return _key("root", suite, ROOT_PACKAGES)
+
+
+def prune_cache() -> None:
+    """Remove entries (and their locks and half builds) that no current key names: a kernel
+    or root an older lab fetched is never booted again, and takes a gigabyte."""
+    current = {kernel_key()} | {root_key(suite) for suite in SUITES}
+    for entry in CACHE.iterdir():
+        if re.sub(r"\.(?:lock|tmp)$", "", entry.name) in current:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            # A killed debootstrap may leave /proc mounted inside its half root: what cannot
+            # be removed stays, and is tried again next time.
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink()
+
+
 def kernel() -> Kernel:
     """UML_SUITE's kernel with that suite's glibc beside it, fetched and unpacked once.
 
     The key names the suite and the packages; VERSIONS inside says which versions the
     first fetch got (the suite moves on; a cache keeps what it booted)."""
-    key = hashlib.sha256(f"{MIRROR} {UML_SUITE} {' '.join(UML_PACKAGES)}".encode()).hexdigest()[:16]
-    base = CACHE / f"uml-{UML_SUITE}-{key}"
+    base = CACHE / kernel_key()
     with cache_lock(base.name):
         if not (base / "VERSIONS").exists():
             tmp = CACHE / f"{base.name}.tmp"
@@ -173,8 +200,7 @@ def guest_root(suite: str) -> Path:
 
     Keyed by what debootstrap is asked for; the few files the lab adds are rewritten
     whenever they differ, so a root never boots an older lab's init."""
-    key = hashlib.sha256(f"{MIRROR} {suite} {' '.join(ROOT_PACKAGES)}".encode()).hexdigest()[:16]
-    root = CACHE / f"root-{suite}-{key}"
+    root = CACHE / root_key(suite)
     with cache_lock(root.name):
         if not (root / "usr/libexec/ipsec/pluto").exists():
             tmp = CACHE / f"{root.name}.tmp"
@@ -267,6 +293,8 @@ _counter = itertools.count()
 def boot(suite: str, workdir: Path, gateway_conf: str, peer_conf: str, gateway_extra: list[str],
          peer_extra: list[str]) -> LibreswanLab:
     """Two guests on one wire, 192.168.0.1 (gateway) and .2 (peer), each running pluto."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    prune_cache()
     uml = kernel()
     root = guest_root(suite)
     tag = f"lsw{os.getpid()}x{next(_counter)}"

@@ -458,3 +458,76 @@ def start_states_lab(suite: str, workdir: Path) -> LibreswanLab:
         lab.destroy()
         raise
     return lab
+
+
+# ---- the remote-access lab: one gateway conn per kind of client, each client an instance
+
+# IKEv2 clients authenticate with the PSK; IKEv1 clients with the PSK and XAuth (any password:
+# xauthby=alwaysok, the user name is what the collector reports). Each gets a lease.
+RA_GATEWAY_CONF = """\
+config setup
+	ikev1-policy=accept
+
+conn rw
+	left=192.168.0.1
+	leftid=@gw.lab
+	leftsubnet=10.77.0.0/24
+	right=%any
+	rightaddresspool=10.79.0.10-10.79.0.50
+	leftmodecfgserver=yes
+	rightmodecfgclient=yes
+	authby=secret
+	auto=add
+
+conn xauth
+	ikev2=no
+	left=192.168.0.1
+	leftid=@gw.lab
+	leftsubnet=10.77.0.0/24
+	right=%any
+	rightaddresspool=10.80.0.10-10.80.0.50
+	leftxauthserver=yes
+	rightxauthclient=yes
+	xauthby=alwaysok
+	leftmodecfgserver=yes
+	rightmodecfgclient=yes
+	authby=secret
+	auto=add
+"""
+
+
+def ra_peer_conf(ikev2_clients: int, xauth_clients: int) -> str:
+    """The client guest: one conn per client, each with its own identity."""
+    lines = ["config setup", "\tikev1-policy=accept", ""]
+    for n in range(1, ikev2_clients + 1):
+        lines += [f"conn client{n}", "\tleft=192.168.0.2", f"\tleftid=@client{n}.lab", "\tleftmodecfgclient=yes",
+                  "\tright=192.168.0.1", "\trightid=@gw.lab", "\trightsubnet=10.77.0.0/24", "\tnarrowing=yes",
+                  "\tauthby=secret", "\tauto=add", ""]
+    for n in range(1, xauth_clients + 1):
+        lines += [f"conn xuser{n}", "\tikev2=no", "\tleft=192.168.0.2", f"\tleftid=@xclient{n}.lab",
+                  "\tleftmodecfgclient=yes", "\tleftxauthclient=yes", f"\tleftusername=xuser{n}",
+                  "\tright=192.168.0.1", "\trightid=@gw.lab", "\trightsubnet=10.77.0.0/24",
+                  "\tauthby=secret", "\tauto=add", ""]
+    return "\n".join(lines)
+
+
+def ra_clients_up(status: str, clients: int) -> bool:
+    """Every client's IPsec SA established (as the gateway's --trafficstatus lists them)."""
+    return len(re.findall(r'^(?:006 )?#\d+: "(?:rw|xauth)"\[\d+\]', status, re.MULTILINE)) >= clients
+
+
+def start_ra_lab(suite: str, workdir: Path, ikev2_clients: int = 3, xauth_clients: int = 2) -> LibreswanLab:
+    lab = boot(suite, workdir, RA_GATEWAY_CONF, ra_peer_conf(ikev2_clients, xauth_clients), ["10.77.0.1/32"], [])
+    try:
+        secrets = "".join(f'@xuser{n} : XAUTH "password{n}"\n' for n in range(1, xauth_clients + 1))
+        lab.peer.run(f"cat >> /etc/ipsec.secrets <<'END'\n{secrets}END\nipsec whack --rereadsecrets\n")
+        lab.gateway.run("ipsec addconn --autoall && ipsec whack --listen\n")
+        lab.peer.run("ipsec addconn --autoall && ipsec whack --listen\n")
+        names = [f"client{n}" for n in range(1, ikev2_clients + 1)] + [f"xuser{n}" for n in range(1, xauth_clients + 1)]
+        for name in names:
+            lab.peer.run(f"ipsec whack --name {name} --initiate --asynchronous\n")
+        wait_for(lambda: ra_clients_up(lab.gateway.whack("--trafficstatus"), len(names)), 90, "every client")
+    except BaseException:
+        lab.destroy()
+        raise
+    return lab

@@ -170,6 +170,27 @@ def test_a_tunnel_whose_child_sa_is_being_rekeyed_is_up_with_both_sas_counted(ca
     assert status.detail.traffic == it.Traffic(256, 256, 2, 2)
 
 
+def test_both_backends_agree_on_a_rekeyed_tunnel_except_the_old_sas_traffic_stroke_hides() -> None:
+    # Taken back to back: VICI lists traffic for a CHILD SA that is INSTALLED, REKEYING or
+    # REKEYED; stroke prints a traffic line for INSTALLED ones only (charon's vici_query.c and
+    # stroke_list.c). The old SA's traffic is real: VICI's sum is the tunnel's traffic.
+    tunnels = it.read_config(str(REKEYED / "etc" / "ipsec.conf"))
+    (stroke,) = it.classify(tunnels, it.parse_statusall((REKEYED / "statusall.txt").read_text()))
+    vici_state = it.parse_vici(vici_answer(REKEYED))
+    (vici,) = it.classify(it.all_tunnels(tunnels, vici_state.loaded), vici_state)
+    assert stroke.detail is not None and vici.detail is not None
+    assert (vici.name, vici.status, vici.routed) == (stroke.name, stroke.status, stroke.routed) == ("v1", 0, False)
+    assert vici.detail.installed_child_sas == stroke.detail.installed_child_sas == 1
+    assert vici.detail.config == stroke.detail.config
+    assert vici.detail.ike is not None and stroke.detail.ike is not None
+    assert (vici.detail.ike.uid, vici.detail.ike.state) == (stroke.detail.ike.uid, stroke.detail.ike.state)
+    # 3 datagrams of 100 bytes (128 on the wire) came in before the rekey, 2 each way after.
+    old = next(c for c in vici_state.child_sas if c.state == "REKEYED").traffic
+    assert old == it.Traffic(384, 0, 3, 0)
+    assert stroke.detail.traffic == it.Traffic(256, 256, 2, 2)
+    assert vici.detail.traffic == stroke.detail.traffic + old == it.Traffic(640, 256, 5, 2)
+
+
 def test_a_weakswan_build_is_read_like_strongswan() -> None:
     # The build's name when aggressive-mode PSK is forced; nothing else changes.
     text = (STATES / "statusall.txt").read_text()

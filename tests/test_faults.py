@@ -291,23 +291,47 @@ def test_overlapping_runs_never_show_a_partial_file(tmp_path: Path) -> None:
     assert_no_temp_files(out.parent)
 
 
+def stop_inside_the_write(run: subprocess.Popen[bytes], directory: Path) -> str | None:
+    """SIGSTOP the run once its temporary file (NAME.PID.TID) exists; that file's name if the
+    stop landed between its creation and the rename, else None (the run got past it)."""
+    prefix = f"ipsec.prom.{run.pid}."
+    while run.poll() is None:
+        temp = [p.name for p in directory.iterdir() if p.name.startswith(prefix)]
+        if temp:
+            run.send_signal(signal.SIGSTOP)
+            # Stopped: what is there now stays there until the kill.
+            return temp[0] if (directory / temp[0]).exists() else None
+        time.sleep(0.001)
+    return None
+
+
 def test_run_killed_mid_write_leaves_the_previous_file(tmp_path: Path) -> None:
     conf = big_conf(tmp_path)
     out = tmp_path / "textfile" / "ipsec.prom"
     out.parent.mkdir()
     assert replay(conf, out).returncode == 0
-    rng = random.Random(3)
-    for _ in range(15):
+    landed: list[str] = []
+    # Each run opens its temporary file, then renders 3000 tunnels into it (tens of ms):
+    # a poller stops it inside that window nearly every time; a run that got past is retried.
+    for _ in range(20):
         run = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(conf), "--status-file",
                                 str(STATUSALL), "--output", str(out)], stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.05, 0.6))
-        run.send_signal(signal.SIGKILL)
+        temp = stop_inside_the_write(run, out.parent)
+        run.kill()
         run.wait(timeout=30)
+        if temp is None:
+            continue
+        landed.append(temp)
         text = out.read_text()
         assert len(by_tunnel(text, "ipsec_status")) == 3000 and value(text, "ipsec_textfile_success") == 1
-        assert not [p for p in out.parent.iterdir() if p.name.endswith(".prom") and p != out]
+        # What a killed run leaves: its own temporary file, nothing else; the one the
+        # previous killed run left was removed before this run wrote.
+        assert {p.name for p in out.parent.iterdir()} == {"ipsec.prom", "ipsec.prom.lock", temp}
+        if len(landed) == 3:
+            break
+    assert len(landed) == 3, f"only {len(landed)} of 20 runs were stopped inside the write"
     assert replay(conf, out).returncode == 0
-    assert_no_temp_files(out.parent)  # the next run removed what killed runs left
+    assert_no_temp_files(out.parent)  # the next run removed what the last killed run left
 
 
 # ---------------------------------------------------------------- bad input

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +35,43 @@ def require(missing: list[str], what: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_tools(*tools: str, what: str, root: bool = False) -> None:
+    """require() for commands on PATH, and root when asked."""
+    require([t for t in tools if not shutil.which(t)] + (["root"] if root and os.geteuid() != 0 else []), what)
+
+
+class FakeVici:
+    """A VICI socket with one client: each packet it gets is answered with `reply`. Then,
+    with close_after, it hangs up; with trickle, it sends one more byte every `trickle`
+    seconds for as long as the client listens; else it stays silent until the client leaves."""
+
+    def __init__(self, path: Path, reply: bytes, close_after: bool = False, trickle: float | None = None) -> None:
+        self.reply, self.close_after, self.trickle = reply, close_after, trickle
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(1)
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        try:
+            client, _ = self.server.accept()
+            with client:
+                while client.recv(65536):
+                    client.sendall(self.reply)
+                    if self.close_after:
+                        return
+                    while self.trickle is not None:
+                        time.sleep(self.trickle)
+                        client.sendall(b"\x00")
+        except OSError:
+            pass
+        finally:
+            self.server.close()
+
+    def close(self) -> None:
+        self.server.close()
 
 
 def run_collector(

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import lab
-from conftest import BACKENDS, FIXTURES, SCRIPT, require, run_collector
+from conftest import BACKENDS, FIXTURES, SCRIPT, FakeVici, require, run_collector
 from node_exporter import BINARY, scrape_once
 from promfile import by_tunnel, value
 
@@ -86,45 +86,29 @@ def test_hung_charon_times_out_and_the_file_says_so(states_lab: lab.Lab, tmp_pat
     assert_no_temp_files(tmp_path)
 
 
-def fake_vici(path: Path, reply: bytes, stall: float = 5) -> threading.Thread:
-    """A VICI socket that accepts one client, reads its first request, sends reply, stalls
-    for `stall` seconds and closes."""
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
-
-    def serve() -> None:
-        client, _ = server.accept()
-        client.recv(65536)
-        client.sendall(reply)
-        time.sleep(stall)
-        client.close()
-        server.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return thread
-
-
-@pytest.mark.parametrize(("reply", "stall", "fragment"), [
-    (b"", 5, "did not answer within 1s"),  # silent
+@pytest.mark.parametrize(("reply", "close_after", "trickle", "fragment"), [
+    (b"", False, None, "did not answer within 1s"),  # silent
     # A packet header promising 100 bytes, then nothing: stalled mid-packet.
-    (b"\x00\x00\x00\x64\x01", 5, "did not answer within 1s"),
+    (b"\x00\x00\x00\x64\x01", False, None, "did not answer within 1s"),
+    # The same, then one byte every 0.1 s: each read is served, the whole never arrives.
+    (b"\x00\x00\x00\x64\x01", False, 0.1, "did not answer within 1s"),
     # The same, then the connection closes: a short read.
-    (b"\x00\x00\x00\x64\x01", 0, "closed the connection in the middle of an answer"),
-    (b"\x00\x10\x00\x00", 5, "announced a packet of 1048576 bytes"),  # past charon's 512 KiB
-    (b"\x00\x00\x00\x03\x01\x09\x00", 5, "malformed message: element type 9"),  # a response with a bad element
-    (b"\x00\x00\x00\x07\x01" + b"\x01\x01a" * 2, 5, "ends inside a list or section"),  # never closed
+    (b"\x00\x00\x00\x64\x01", True, None, "closed the connection in the middle of an answer"),
+    (b"\x00\x10\x00\x00", False, None, "announced a packet of 1048576 bytes"),  # past charon's 512 KiB
+    (b"\x00\x00\x00\x03\x01\x09\x00", False, None, "malformed message: element type 9"),  # a bad element
+    (b"\x00\x00\x00\x07\x01" + b"\x01\x01a" * 2, False, None, "ends inside a list or section"),  # never closed
 ])
 def test_a_vici_socket_that_stalls_or_talks_nonsense_is_a_failed_run(
-        tmp_path: Path, reply: bytes, stall: float, fragment: str) -> None:
+        tmp_path: Path, reply: bytes, close_after: bool, trickle: float | None, fragment: str) -> None:
     sock = tmp_path / "charon.vici"
-    fake_vici(sock, reply, stall)
+    FakeVici(sock, reply, close_after, trickle)
     out = tmp_path / "ipsec.prom"
     started = time.monotonic()
     proc = run_collector("--config", str(write_conf(tmp_path)), "--output", str(out),
                          "--backend", "vici", "--vici-socket", str(sock), "--timeout", "1")
-    assert time.monotonic() - started < 4
+    # --timeout 1 bounds the conversation (the trickle would last 10 s); the rest of the bound
+    # is a Python start and a margin a loaded 2-core machine keeps.
+    assert time.monotonic() - started < 8
     assert proc.returncode == 1
     one_error_line(proc, fragment)
     assert_failed_run(out)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import ipsec_textfile as it
 import lab
-from conftest import FIXTURES, require
+from conftest import FIXTURES, FakeVici, require
 
 # Fields that move between two queries of one daemon: clocks and traffic.
 MOVING = {"established", "rekey-time", "reauth-time", "life-time", "install-time", "bytes-in", "bytes-out",
@@ -130,29 +130,6 @@ def test_mutated_real_messages_decode_or_raise_vici_error(message: it.ViciMessag
         pass
 
 
-class FakeCharon:
-    """A VICI socket that answers every packet it gets with the same bytes, then stalls."""
-
-    def __init__(self, path: Path, reply: bytes) -> None:
-        self.reply = reply
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen(1)
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        try:
-            client, _ = self.server.accept()
-            with client:
-                while client.recv(65536):
-                    client.sendall(self.reply)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.server.close()
-
-
 def packet(kind: int, body: bytes = b"", name: str = "") -> bytes:
     named = bytes([len(name)]) + name.encode() if name else b""
     payload = bytes([kind]) + named + body
@@ -170,7 +147,7 @@ def packet(kind: int, body: bytes = b"", name: str = "") -> bytes:
     (b"", "did not answer within 1s"),  # silent
 ])
 def test_a_bad_daemon_is_a_daemon_error(tmp_path: Path, reply: bytes, why: str) -> None:
-    fake = FakeCharon(tmp_path / "charon.vici", reply)
+    fake = FakeVici(tmp_path / "charon.vici", reply)
     try:
         started = time.monotonic()
         with pytest.raises(it.DaemonError, match=why):
@@ -180,11 +157,37 @@ def test_a_bad_daemon_is_a_daemon_error(tmp_path: Path, reply: bytes, why: str) 
         fake.close()
 
 
+def test_one_deadline_covers_the_whole_conversation(tmp_path: Path) -> None:
+    # A daemon that announces a packet, then trickles it one byte every 0.1 s: every read
+    # gets something well within the timeout, the whole answer never comes. One deadline
+    # for the conversation ends it after 1 s; a timeout per read would wait 100 s.
+    fake = FakeVici(tmp_path / "charon.vici", b"\x00\x00\x03\xe8\x01", trickle=0.1)
+    outcome: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            it.ViciDaemon(str(tmp_path / "charon.vici"), timeout=1).query()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 (handed to the test's thread)
+            outcome.append(e)
+
+    try:
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        # 1 s of deadline, and a margin a loaded 2-core machine keeps; far below the 100 s.
+        asking.join(timeout=20)
+        assert not asking.is_alive(), "still reading a trickle after 20 s"
+    finally:
+        fake.close()
+    (error,) = outcome
+    assert isinstance(error, it.DaemonError) and "did not answer within 1s" in str(error)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(reply=st.binary(max_size=64))
 def test_any_reply_from_the_socket_is_a_daemon_error(tmp_path: Path, reply: bytes) -> None:
     path = tmp_path / f"charon-{time.monotonic_ns()}.vici"
-    fake = FakeCharon(path, reply)
+    fake = FakeVici(path, reply)
     try:
         with pytest.raises(it.DaemonError):
             it.ViciDaemon(str(path), timeout=0.2).query()

@@ -104,6 +104,9 @@ def test_malformed_messages_are_refused(data: bytes, why: str) -> None:
         it.vici_decode(data)
 
 
+# No per-example deadline: what is tested is the outcome, not the speed; hypothesis' 200 ms
+# default fails a loaded machine at random.
+@settings(deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_decode_or_raise_vici_error(data: bytes) -> None:
     try:
@@ -112,6 +115,7 @@ def test_any_bytes_decode_or_raise_vici_error(data: bytes) -> None:
         pass
 
 
+@settings(deadline=None)  # as above
 @given(st.sampled_from(fixture_messages()), st.data())
 def test_mutated_real_messages_decode_or_raise_vici_error(message: it.ViciMessage, data: st.DataObject) -> None:
     raw = bytearray(it.vici_encode(message))
@@ -152,7 +156,9 @@ def test_a_bad_daemon_is_a_daemon_error(tmp_path: Path, reply: bytes, why: str) 
         started = time.monotonic()
         with pytest.raises(it.DaemonError, match=why):
             it.ViciDaemon(str(tmp_path / "charon.vici"), timeout=1).query()
-        assert time.monotonic() - started < 3
+        # A fault bound, not a speed: the 1 s timeout ends it; a client that waited for the
+        # stalled socket would not return; 8 s is what a loaded 2-core machine keeps.
+        assert time.monotonic() - started < 8
     finally:
         fake.close()
 

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,15 +89,19 @@ def run_collector(
     )
 
 
+@contextmanager
 def running_lab(start: Callable[[Path], lab.Lab], factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
-    """A lab from start(), for as long as the fixture that yields from this lives."""
+    """A lab from start(), destroyed when the block ends, however it ends."""
     require(lab.missing_tools(), "the strongSwan lab")
     started = start(factory.mktemp("lab"))
-    yield started
-    started.destroy()
+    try:
+        yield started
+    finally:
+        started.destroy()
 
 
 @pytest.fixture(scope="session")
 def states_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
     """The lab whose gateway shows every ipsec_status value (see lab.STATES_GATEWAY_CONF)."""
-    yield from running_lab(lab.start_states_lab, tmp_path_factory)
+    with running_lab(lab.start_states_lab, tmp_path_factory) as states:
+        yield states

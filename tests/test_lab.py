@@ -125,7 +125,8 @@ def test_ike_age_grows_between_runs(states_lab: lab.Lab, tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def swanctl_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
     """A gateway configured by swanctl.conf alone (lab.SWANCTL_GATEWAY_CONF)."""
-    yield from running_lab(lab.start_swanctl_lab, tmp_path_factory)
+    with running_lab(lab.start_swanctl_lab, tmp_path_factory) as swanctl:
+        yield swanctl
 
 
 def test_swanctl_gateway_every_state_over_vici(swanctl_lab: lab.Lab, tmp_path: Path) -> None:
@@ -179,7 +180,8 @@ def test_auto_asks_stroke_when_vici_leaves_an_ike_sa_out(tmp_path_factory: pytes
     # 1500 CHILD SAs under one IKE SA pass VICI's 512 KiB message limit: charon leaves the
     # IKE SA out of list-sas. auto must notice, ask through stroke and say so.
     tunnels = 1500
-    for big in running_lab(lambda workdir: lab.start_scale_lab(workdir, tunnels), tmp_path_factory):
+    # The lab goes when the block ends, an assertion that fails in it included.
+    with running_lab(lambda workdir: lab.start_scale_lab(workdir, tunnels), tmp_path_factory) as big:
         out = tmp_path_factory.mktemp("out") / "ipsec.prom"
         vici = collect_on_gateway(big, out, "--backend", "vici")
         assert vici.returncode == 1 and "VICI listed 0" in vici.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES, require, run_collector
-from promfile import by_tunnel, value
+from promfile import by_tunnel, samples, value
 
 STATUSALL = FIXTURES / "states" / "statusall.txt"
 CONF = """\
@@ -50,6 +50,28 @@ def test_replay_writes_every_tunnel_and_success(conf: Path, tmp_path: Path) -> N
     assert value(text, "ipsec_textfile_success") == 1
     assert value(text, "ipsec_textfile_duration_seconds") > 0
     assert abs(value(text, "ipsec_textfile_last_run_timestamp_seconds") - os.path.getmtime(out)) < 60
+
+
+# strongSwan's ike_sa_state names (src/libcharon/sa/ike_sa.h).
+IKE_SA_STATES = ["CREATED", "CONNECTING", "ESTABLISHED", "PASSIVE", "REKEYING", "REKEYED", "DELETING", "DESTROYING"]
+
+
+def test_ike_sas_by_state_every_state_always_present(conf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ipsec.prom"
+    assert replay(conf, str(out)).returncode == 0
+    by_state = {dict(labels)["state"]: v for (name, labels), v in samples(out.read_text()).items()
+                if name == "ipsec_ike_sas"}
+    # The capture holds up's and ike's IKE SAs ESTABLISHED and connecting's CONNECTING.
+    assert by_state == {**dict.fromkeys(IKE_SA_STATES, 0), "ESTABLISHED": 2, "CONNECTING": 1}
+
+
+def test_ike_established_is_whether_the_carrying_ike_sa_is(conf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ipsec.prom"
+    assert replay(conf, str(out)).returncode == 0
+    # site and a.b_c-d ride on up's ESTABLISHED IKE SA, ike has its own; connecting's is
+    # CONNECTING, sit has none; ignored tunnels get ipsec_status alone.
+    assert by_tunnel(out.read_text(), "ipsec_ike_established") == {
+        "site": 1, "a.b_c-d": 1, "ike": 1, "connecting": 0, "sit": 0}
 
 
 def test_output_dash_prints_the_exposition(conf: Path) -> None:

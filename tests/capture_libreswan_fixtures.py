@@ -41,7 +41,8 @@ def main() -> None:
                     else:
                         before = up_v1_sas(lab)
                         lab.gateway.whack("--name up-v1 --initiate --asynchronous")
-                        wait_for(lambda b=before: up_v1_sas(lab) > b, 30, "up-v1's new IPsec SA")  # type: ignore[misc]
+                        wait_for(lambda lab=lab, b=before: up_v1_sas(lab) > b,  # type: ignore[misc]
+                                 30, "up-v1's new IPsec SA")
                 status = lab.gateway.whack("--status") + lab.gateway.whack("--trafficstatus")
             finally:
                 lab.destroy()

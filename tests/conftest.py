@@ -7,11 +7,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,7 @@ FIXTURES = TESTS / "fixtures"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(TESTS))
 
+import ipsec_textfile
 import lab
 
 # The two ways to ask charon.
@@ -44,12 +47,14 @@ def require_tools(*tools: str, what: str, root: bool = False) -> None:
 
 
 class FakeVici:
-    """A VICI socket with one client: each packet it gets is answered with `reply`. Then,
-    with close_after, it hangs up; with trickle, it sends one more byte every `trickle`
-    seconds for as long as the client listens; else it stays silent until the client leaves."""
+    """A VICI socket with one client: each packet it gets is answered with `reply` (with once,
+    only the first). Then, with close_after, it hangs up; with trickle, it sends one more byte
+    every `trickle` seconds for as long as the client listens; else it stays silent until the
+    client leaves."""
 
-    def __init__(self, path: Path, reply: bytes, close_after: bool = False, trickle: float | None = None) -> None:
-        self.reply, self.close_after, self.trickle = reply, close_after, trickle
+    def __init__(self, path: Path, reply: bytes, close_after: bool = False, trickle: float | None = None,
+                 once: bool = False) -> None:
+        self.reply, self.close_after, self.trickle, self.once = reply, close_after, trickle, once
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(path))
         self.server.listen(1)
@@ -59,7 +64,11 @@ class FakeVici:
         try:
             client, _ = self.server.accept()
             with client:
+                replied = False
                 while client.recv(65536):
+                    if self.once and replied:
+                        continue
+                    replied = True
                     client.sendall(self.reply)
                     if self.close_after:
                         return
@@ -73,6 +82,30 @@ class FakeVici:
 
     def close(self) -> None:
         self.server.close()
+
+
+def vici_answer(fixture: Path) -> dict[str, Any]:
+    """What the built-in VICI client reads from the bytes charon sent in a capture (vici.bin):
+    the whole stream, replayed on a socket to ipsec_textfile.ViciDaemon.ask()."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "charon.vici"
+        fake = FakeVici(path, (fixture / "vici.bin").read_bytes(), once=True)
+        try:
+            return ipsec_textfile.ViciDaemon(str(path), timeout=30).ask()
+        finally:
+            fake.close()
+
+
+def vici_packets(fixture: Path) -> list[bytes]:
+    """The packets charon sent in a capture, each as it came: type, name and message."""
+    data = (fixture / "vici.bin").read_bytes()
+    packets, pos = [], 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        packets.append(data[pos + 4 : pos + 4 + length])
+        pos += 4 + length
+    assert pos == len(data), "a packet cut short"
+    return packets
 
 
 def run_collector(

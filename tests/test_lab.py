@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,46 +154,13 @@ def test_the_daemon_is_asked_once_per_run(states_lab: lab.Lab, tmp_path: Path) -
     assert calls.read_text() == "statusall\n"
 
 
-class CountingViciProxy:
-    """A socket in front of charon's VICI socket: passes every byte on, counts the connections."""
-
-    def __init__(self, path: Path, upstream: str) -> None:
-        self.upstream = upstream
-        self.connections = 0
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen(8)
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self.server.accept()
-                self.connections += 1
-                charon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                charon.connect(self.upstream)
-                for source, sink in ((client, charon), (charon, client)):
-                    threading.Thread(target=self.pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def pump(source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
-
-
 def test_the_daemon_is_asked_over_one_vici_connection_per_run(states_lab: lab.Lab, tmp_path: Path) -> None:
-    proxy = CountingViciProxy(tmp_path / "counting.vici", states_lab.gateway.vici_socket)
-    try:
+    with contextlib.closing(lab.ViciProxy(tmp_path / "counting.vici", states_lab.gateway.vici_socket)) as proxy:
         out = tmp_path / "ipsec.prom"
-        proc = collect_on_gateway(states_lab, out, "--backend", "vici", "--vici-socket", str(tmp_path / "counting.vici"))
-        assert (proc.returncode, proc.stderr) == (0, "")
-        assert by_tunnel(out.read_text(), "ipsec_status") == lab.STATES_EXPECTED
-        assert proxy.connections == 1
-    finally:
-        proxy.server.close()
+        proc = collect_on_gateway(states_lab, out, "--backend", "vici", "--vici-socket", str(proxy.path))
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert by_tunnel(out.read_text(), "ipsec_status") == lab.STATES_EXPECTED
+    assert proxy.connections == 1
 
 
 def test_a_tunnel_taken_down_reads_down_on_the_next_run(states_lab: lab.Lab, tmp_path: Path) -> None:

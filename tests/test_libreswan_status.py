@@ -129,6 +129,8 @@ def test_tunnel_info_from_plutos_connection_list(version: str) -> None:
 
 
 def test_pluto_host_to_host_and_instances() -> None:
+    # Hand-typed, not captured: the libreswan lab has no host-to-host conn and no template
+    # instances. The lines follow the format of pluto 4.x's lines in the captures above.
     status = ("000 Connection list:\n"
               '000 "host": 192.0.2.1[@a]...192.0.2.2[@b]; erouted; eroute owner: #3\n'
               '000 "road"[1]: 192.0.2.1---192.0.2.254...198.51.100.7===10.9.0.1/32; erouted; eroute owner: #4\n'

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import ipsec_textfile as it
 import lab
-from conftest import FIXTURES
+from conftest import FIXTURES, vici_answer
 
 STATES = FIXTURES / "states"
 SWANCTL = FIXTURES / "swanctl"
@@ -18,11 +17,6 @@ SWANCTL = FIXTURES / "swanctl"
 
 def states_snapshot() -> it.DaemonState:
     return it.parse_statusall((STATES / "statusall.txt").read_text())
-
-
-def vici_answer(fixture: Path) -> dict[str, Any]:
-    answer: dict[str, Any] = json.loads((fixture / "vici.json").read_text())
-    return answer
 
 
 def states_tunnels() -> list[it.Tunnel]:
@@ -66,14 +60,38 @@ def test_stroke_traffic_counts_plural_and_singular_packets() -> None:
 def test_stroke_times_in_seconds() -> None:
     snapshot = states_snapshot()
     text = (STATES / "statusall.txt").read_text()
-    up = next(sa for sa in snapshot.ike_sas if sa.name == "up")
-    # "ESTABLISHED 1 second ago", "reauthentication in 2 hours": stroke's units, in seconds.
-    assert f"ESTABLISHED {up.age:g} second" in text
-    assert up.next_rekey is not None and f"reauthentication in {up.next_rekey / 3600:g} hours" in text
+    up, ike = (next(sa for sa in snapshot.ike_sas if sa.name == name) for name in ("up", "ike"))
+    # "ESTABLISHED 1 second ago", "reauthentication in 2 days" (ikelifetime=3d), "... in 43
+    # minutes" (ikelifetime=1h): stroke's units, in seconds.
+    assert up.age is not None and up.age > 0 and f"up[1]: ESTABLISHED {up.age:g} second" in text
+    assert up.next_rekey is not None and f"reauthentication in {up.next_rekey / 86400:g} days" in text
+    assert up.next_rekey >= 2 * 86400
+    assert ike.next_rekey is not None and f"reauthentication in {ike.next_rekey / 60:g} minutes" in text
+    swanctl = it.parse_statusall((SWANCTL / "statusall.txt").read_text())
+    gw_ike = next(sa for sa in swanctl.ike_sas if sa.name == "gw-ike")
+    assert gw_ike.next_rekey is not None
+    assert f"rekeying in {gw_ike.next_rekey / 3600:g} hours" in (SWANCTL / "statusall.txt").read_text()
     assert snapshot.version == "5.9.8"
     assert snapshot.uptime is not None and snapshot.uptime > 0
     connecting = next(sa for sa in snapshot.ike_sas if sa.name == "connecting")
     assert (connecting.age, connecting.next_rekey) == (None, None)
+
+
+def test_next_rekey_is_the_rekey_or_the_reauthentication_whichever_comes_first() -> None:
+    # swanctl.conf's gw: rekey_time 1h, reauth_time 2h; charon schedules both.
+    text = (SWANCTL / "statusall.txt").read_text()
+    line = next(line for line in text.splitlines() if "gw[1]: IKEv2 SPIs" in line)
+    stroke = {word: int(n) * {"minutes": 60, "hours": 3600}[unit] for word, n, unit in
+              re.findall(r"(rekeying|reauthentication) in (\d+) (minutes|hours)", line)}
+    assert set(stroke) == {"rekeying", "reauthentication"} and stroke["rekeying"] < stroke["reauthentication"]
+    (gw,) = (sa for sa in it.parse_statusall(text).ike_sas if sa.name == "gw")
+    assert gw.next_rekey == min(stroke.values())
+    answer = vici_answer(SWANCTL)
+    vici_gw = next(event["gw"] for event in answer["list-sas"] if "gw" in event)
+    times = [int(vici_gw["rekey-time"]), int(vici_gw["reauth-time"])]
+    assert times[0] < times[1]
+    (gw,) = (sa for sa in it.parse_vici(answer).ike_sas if sa.name == "gw")
+    assert gw.next_rekey == min(times)
 
 
 def test_vici_answer_gives_every_ipsec_conf_tunnel_the_same_as_stroke() -> None:

@@ -41,6 +41,14 @@ def require(missing: list[str], what: str) -> None:
     pytest.skip(message)
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Outside CI, say in one line that tests were skipped (-ra lists which, and why)."""
+    skipped = len(terminalreporter.stats.get("skipped", []))
+    if skipped and os.environ.get("CI") != "true":
+        terminalreporter.write_line(f"{skipped} tests skipped, each with its reason in the summary; "
+                                    "with CI=true a missing tool or root would fail them", yellow=True, bold=True)
+
+
 def require_tools(*tools: str, what: str, root: bool = False) -> None:
     """require() for commands on PATH, and root when asked."""
     require([t for t in tools if not shutil.which(t)] + (["root"] if root and os.geteuid() != 0 else []), what)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, require, run_collector
+from conftest import FIXTURES, ROOT, require, run_collector
 from promfile import by_tunnel, samples, value
 
 STATUSALL = FIXTURES / "states" / "statusall.txt"
@@ -171,6 +171,26 @@ def test_charon_not_running_is_an_error_not_an_empty_gateway(conf: Path, tmp_pat
     assert "is charon running?" in proc.stderr
     # README: every tunnel that is not ignored at 3, none left out.
     assert by_tunnel(out.read_text(), "ipsec_status") == {n: 4 if v == 4 else 3 for n, v in EXPECTED.items()}
+
+
+def test_readme_sample_output_is_what_the_replay_it_names_prints() -> None:
+    readme = (ROOT / "README.md").read_text()
+    intro = readme.index("Sample output, from a checkout: `python3 ipsec_textfile.py --config")
+    command = " ".join(readme[intro:].split("`")[1].split())
+    block = readme.index("```\n", intro) + 4
+    sample = readme[block : readme.index("```\n", block)].splitlines()
+    args = command.split()[2:]
+    assert args[-2:] == ["--output", "-"]
+    printed = iter(run_collector(*[str(ROOT / a) if a.startswith("tests/") else a for a in args]).stdout.splitlines())
+    shown = 0
+    for line in sample:
+        if line == "…":
+            continue
+        # Every other line, in order: verbatim, or up to a value that moves with the clock.
+        prefix = line[: -len("…")] if line.endswith(" …") else None
+        assert any(p == line or (prefix is not None and p.startswith(prefix)) for p in printed), line
+        shown += 1
+    assert shown > 40
 
 
 def test_help_explains_flags_values_and_cron() -> None:

@@ -29,6 +29,8 @@ import lab
 
 # The two ways to ask charon.
 BACKENDS = ["stroke", "vici"]
+# The ipsec.conf gateway's `ipsec statusall`, captured from the lab (fixtures/states/CAPTURE.md).
+STATES_STATUSALL = FIXTURES / "states" / "statusall.txt"
 
 
 def require(missing: list[str], what: str) -> None:
@@ -114,6 +116,20 @@ def vici_packets(fixture: Path) -> list[bytes]:
         pos += 4 + length
     assert pos == len(data), "a packet cut short"
     return packets
+
+
+def replay(conf: Path, output: Path | str, *more: str, status: Path = STATES_STATUSALL,
+           prefix: list[str] | None = None, umask: int | None = None) -> subprocess.CompletedProcess[str]:
+    """The collector on a saved daemon answer (--status-file) instead of a live daemon."""
+    return run_collector("--config", str(conf), "--status-file", str(status), "--output", str(output), *more,
+                         prefix=prefix, umask=umask)
+
+
+def executable(path: Path, script: str) -> Path:
+    """A script at path, mode 755: a stand-in for a command (`ipsec`, most often)."""
+    path.write_text(script)
+    path.chmod(0o755)
+    return path
 
 
 def run_collector(

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, ROOT, require, run_collector
+from conftest import ROOT, STATES_STATUSALL, executable, replay, require, require_tools, run_collector
 from promfile import by_tunnel, samples, value
 
-STATUSALL = FIXTURES / "states" / "statusall.txt"
 CONF = """\
 conn %default
     auto=add
@@ -34,11 +33,6 @@ def conf(tmp_path: Path) -> Path:
     path = tmp_path / "ipsec.conf"
     path.write_text(CONF)
     return path
-
-
-def replay(conf: Path, output: str, *more: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return run_collector("--config", str(conf), "--status-file", str(STATUSALL),
-                         "--output", output, *more, **kwargs)  # type: ignore[arg-type]
 
 
 def test_replay_writes_every_tunnel_and_success(conf: Path, tmp_path: Path) -> None:
@@ -149,9 +143,7 @@ def test_daemon_that_cannot_be_asked_reports_no_tunnel_up(
 
 
 def test_daemon_that_does_not_answer_in_time(conf: Path, tmp_path: Path) -> None:
-    slow = tmp_path / "slow-ipsec"
-    slow.write_text("#!/bin/sh\nexec sleep 30\n")
-    slow.chmod(0o755)
+    slow = executable(tmp_path / "slow-ipsec", "#!/bin/sh\nexec sleep 30\n")
     proc = run_collector("--config", str(conf), "--ipsec", str(slow), "--timeout", "0.5",
                          "--output", str(tmp_path / "ipsec.prom"))
     assert proc.returncode == 1
@@ -160,8 +152,7 @@ def test_daemon_that_does_not_answer_in_time(conf: Path, tmp_path: Path) -> None
 
 def test_charon_not_running_is_an_error_not_an_empty_gateway(conf: Path, tmp_path: Path) -> None:
     # A private, empty /run: the real `ipsec` command finds no charon.
-    require([t for t in ("ipsec", "unshare") if not shutil.which(t)] +
-            ([] if os.geteuid() == 0 else ["root"]), "running ipsec without a daemon")
+    require_tools("ipsec", "unshare", what="running ipsec without a daemon", root=True)
     out = tmp_path / "ipsec.prom"
     proc = run_collector("--config", str(conf), "--output", str(out),
                          prefix=["unshare", "-m", "--propagation", "private", "sh", "-c",
@@ -205,7 +196,7 @@ def test_installed_console_script_behaves_like_the_checkout(conf: Path) -> None:
     installed = shutil.which("ipsec-textfile")
     require([] if installed else ["ipsec-textfile on PATH (pip install .)"], "the console script")
     assert installed is not None
-    proc = subprocess.run([installed, "--config", str(conf), "--status-file", str(STATUSALL),
+    proc = subprocess.run([installed, "--config", str(conf), "--status-file", str(STATES_STATUSALL),
                            "--output", "-"], capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 0
     checkout = replay(conf, "-")
@@ -216,10 +207,9 @@ def test_installed_console_script_behaves_like_the_checkout(conf: Path) -> None:
 
 
 def test_promtool_accepts_the_file(conf: Path, tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
-    require([] if promtool else ["promtool"], "checking metrics")
+    require_tools("promtool", what="checking metrics")
     out = tmp_path / "ipsec.prom"
     assert replay(conf, str(out)).returncode == 0
-    check = subprocess.run([str(promtool), "check", "metrics"], input=out.read_text(),
+    check = subprocess.run(["promtool", "check", "metrics"], input=out.read_text(),
                            capture_output=True, text=True, timeout=30, check=False)
     assert check.returncode == 0, check.stdout + check.stderr

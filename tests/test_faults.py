@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,11 +19,21 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import lab
-from conftest import BACKENDS, FIXTURES, SCRIPT, FakeVici, require, run_collector
+from conftest import (
+    BACKENDS,
+    SCRIPT,
+    STATES_STATUSALL,
+    FakeVici,
+    executable,
+    replay,
+    require_tools,
+    run_collector,
+)
 from node_exporter import BINARY, scrape_once
 from promfile import by_tunnel, value
 
-STATUSALL = FIXTURES / "states" / "statusall.txt"
+# root without the capabilities that override file permissions
+DROP_FILE_CAPABILITIES = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
 
 
 def write_conf(tmp_path: Path, text: str = "conn %default\n    auto=add\nconn site\nconn sit\n") -> Path:
@@ -55,12 +64,6 @@ def one_error_line(proc: subprocess.CompletedProcess[str], fragment: str) -> Non
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("ipsec-textfile: error: "), proc.stderr
     assert fragment in lines[0]
-
-
-def executable(path: Path, script: str) -> Path:
-    path.write_text(script)
-    path.chmod(0o755)
-    return path
 
 
 # ---------------------------------------------------------------- the daemon
@@ -126,7 +129,7 @@ def test_vici_socket_missing_is_a_failed_run(tmp_path: Path) -> None:
 
 def test_ipsec_command_not_executable(tmp_path: Path) -> None:
     not_exec = tmp_path / "ipsec"
-    not_exec.write_text("#!/bin/sh\n")
+    not_exec.write_text("#!/bin/sh\n")  # mode 644
     out = tmp_path / "ipsec.prom"
     proc = run_collector("--config", str(write_conf(tmp_path)), "--backend", "stroke", "--ipsec", str(not_exec),
                          "--output", str(out))
@@ -136,7 +139,7 @@ def test_ipsec_command_not_executable(tmp_path: Path) -> None:
 
 
 def truncations() -> dict[str, str]:
-    text = STATUSALL.read_text()
+    text = STATES_STATUSALL.read_text()
     return {
         "before the SA section": text[: text.index("Security Associations")],
         "inside the SA section": text[: text.index("          up[1]: ESTABLISHED")],
@@ -163,11 +166,6 @@ def test_truncated_or_garbled_output_is_a_failed_run(tmp_path: Path, how: str, c
 # ---------------------------------------------------------------- the output
 
 
-def replay(conf: Path, out: Path, *prefix: str) -> subprocess.CompletedProcess[str]:
-    return run_collector("--config", str(conf), "--status-file", str(STATUSALL), "--output", str(out),
-                         "--lock-timeout", "2", prefix=list(prefix))
-
-
 def test_missing_textfile_directory_is_not_created(tmp_path: Path) -> None:
     out = tmp_path / "missing" / "ipsec.prom"
     proc = replay(write_conf(tmp_path), out)
@@ -178,7 +176,7 @@ def test_missing_textfile_directory_is_not_created(tmp_path: Path) -> None:
 
 def in_private_mount(script: str) -> list[str]:
     """Run the collector after `script` set up mounts that only it sees."""
-    require([] if os.geteuid() == 0 and shutil.which("unshare") else ["root", "unshare"], "private mounts")
+    require_tools("unshare", what="private mounts", root=True)
     return ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{script} && exec "$@"', "sh"]
 
 
@@ -186,20 +184,18 @@ def test_read_only_textfile_directory(tmp_path: Path) -> None:
     outdir = tmp_path / "textfile"
     outdir.mkdir()
     proc = replay(write_conf(tmp_path), outdir / "ipsec.prom",
-                  *in_private_mount(f"mount -t tmpfs -o ro,mode=0755 none {outdir}"))
+                  prefix=in_private_mount(f"mount -t tmpfs -o ro,mode=0755 none {outdir}"))
     assert proc.returncode == 3
     one_error_line(proc, "Read-only file system")
 
 
 def test_textfile_directory_not_writable_by_the_user(tmp_path: Path) -> None:
-    require([] if shutil.which("setpriv") and os.geteuid() == 0 else ["setpriv", "root"], "dropping privileges")
+    require_tools("setpriv", what="dropping privileges", root=True)
     outdir = tmp_path / "textfile"
     outdir.mkdir()
     (outdir / "ipsec.prom").write_text("previous\n")
     outdir.chmod(0o555)
-    # root without the capabilities that override file permissions
-    proc = replay(write_conf(tmp_path), outdir / "ipsec.prom",
-                  "setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner")
+    proc = replay(write_conf(tmp_path), outdir / "ipsec.prom", prefix=DROP_FILE_CAPABILITIES)
     assert proc.returncode == 3
     one_error_line(proc, "Permission denied")
     assert (outdir / "ipsec.prom").read_text() == "previous\n"
@@ -215,7 +211,7 @@ def test_disk_full_keeps_the_previous_file(tmp_path: Path) -> None:
     conf = write_conf(tmp_path, "conn %default\n    auto=add\n" +
                       "".join(f"conn tunnel-{i}\n" for i in range(200)))
     check = f' && cat {outdir}/ipsec.prom > {tmp_path}/after && ls {outdir} > {tmp_path}/listing'
-    proc = run_collector("--config", str(conf), "--status-file", str(STATUSALL),
+    proc = run_collector("--config", str(conf), "--status-file", str(STATES_STATUSALL),
                          "--output", str(outdir / "ipsec.prom"),
                          prefix=["unshare", "-m", "--propagation", "private", "sh", "-c",
                                  f'{script} && "$@"; rc=$?{check}; exit $rc', "sh"])
@@ -264,7 +260,7 @@ def test_overlapping_runs_never_show_a_partial_file(tmp_path: Path) -> None:
     thread.start()
     try:
         runs = [subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(conf), "--status-file",
-                                  str(STATUSALL), "--output", str(out), "--lock-timeout", "60"],
+                                  str(STATES_STATUSALL), "--output", str(out), "--lock-timeout", "60"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 for _ in range(20)]
         codes = [run.wait(timeout=120) for run in runs]
@@ -300,7 +296,7 @@ def test_run_killed_mid_write_leaves_the_previous_file(tmp_path: Path) -> None:
     # a poller stops it inside that window nearly every time; a run that got past is retried.
     for _ in range(20):
         run = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(conf), "--status-file",
-                                str(STATUSALL), "--output", str(out)], stderr=subprocess.DEVNULL)
+                                str(STATES_STATUSALL), "--output", str(out)], stderr=subprocess.DEVNULL)
         temp = stop_inside_the_write(run, out.parent)
         run.kill()
         run.wait(timeout=30)
@@ -346,11 +342,11 @@ def test_bad_config_is_a_failed_run_without_tunnels(tmp_path: Path, text: bytes,
 
 
 def test_unreadable_config_for_an_unprivileged_run(tmp_path: Path) -> None:
-    require([] if shutil.which("setpriv") and os.geteuid() == 0 else ["setpriv", "root"], "dropping privileges")
+    require_tools("setpriv", what="dropping privileges", root=True)
     conf = write_conf(tmp_path)
     conf.chmod(0)
     out = tmp_path / "ipsec.prom"
-    proc = replay(conf, out, "setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner")
+    proc = replay(conf, out, prefix=DROP_FILE_CAPABILITIES)
     assert proc.returncode == 1
     one_error_line(proc, f"cannot read {conf}: Permission denied")
     assert_failed_run(out, {})
@@ -388,15 +384,14 @@ def test_odd_names_are_escaped_labels_that_round_trip(tmp_path: Path) -> None:
     out = tmp_path / "ipsec.prom"
     assert replay(odd_names_conf(tmp_path), out).returncode == 0
     assert by_tunnel(out.read_text(), "ipsec_status") == dict.fromkeys(ODD_NAMES, 2)
-    promtool = shutil.which("promtool")
-    require([] if promtool else ["promtool"], "checking metrics")
-    check = subprocess.run([str(promtool), "check", "metrics"], input=out.read_text(), capture_output=True,
+    require_tools("promtool", what="checking metrics")
+    check = subprocess.run(["promtool", "check", "metrics"], input=out.read_text(), capture_output=True,
                            text=True, timeout=30, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_node_exporter_serves_odd_names(tmp_path: Path) -> None:
-    require([] if shutil.which(BINARY) else [BINARY], "node_exporter end to end")
+    require_tools(BINARY, what="node_exporter end to end")
     outdir = tmp_path / "textfile"
     outdir.mkdir()
     # A CRLF config gives a name ending in \r (starter keeps it): served as it is.
@@ -416,7 +411,7 @@ def test_config_contents_never_reach_a_command_line(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     conf = write_conf(tmp_path, f'conn "$(touch {marker})"\n    auto=add\nconn "`touch {marker}`"\n    auto=add\n')
     argv_log = tmp_path / "argv"
-    wrapper = executable(tmp_path / "ipsec", f'#!/bin/sh\nprintf "%s\\n" "$@" >> {argv_log}\ncat {STATUSALL}\n')
+    wrapper = executable(tmp_path / "ipsec", f'#!/bin/sh\nprintf "%s\\n" "$@" >> {argv_log}\ncat {STATES_STATUSALL}\n')
     proc = run_collector("--config", str(conf), "--ipsec", str(wrapper), "--output", "-")
     assert proc.returncode == 0
     assert argv_log.read_text() == "statusall\n"

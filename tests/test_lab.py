@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import lab
-from conftest import BACKENDS, require, run_collector, running_lab
+from conftest import BACKENDS, executable, require_tools, run_collector, running_lab
 from node_exporter import BINARY, scrape_once
 from promfile import by_tunnel, samples, value
 
@@ -145,9 +144,7 @@ def test_swanctl_gateway_every_state_over_vici(swanctl_lab: lab.Lab, tmp_path: P
 
 def test_the_daemon_is_asked_once_per_run(states_lab: lab.Lab, tmp_path: Path) -> None:
     calls = tmp_path / "calls"
-    counting = tmp_path / "counting-ipsec"
-    counting.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec ipsec "$@"\n')
-    counting.chmod(0o755)
+    counting = executable(tmp_path / "counting-ipsec", f'#!/bin/sh\necho "$*" >> {calls}\nexec ipsec "$@"\n')
     proc = collect_on_gateway(states_lab, tmp_path / "ipsec.prom", "--backend", "stroke",
                               "--ipsec", str(counting))
     assert proc.returncode == 0
@@ -176,7 +173,7 @@ def test_a_tunnel_taken_down_reads_down_on_the_next_run(states_lab: lab.Lab, tmp
 
 
 def test_node_exporter_serves_the_file(states_lab: lab.Lab, tmp_path: Path) -> None:
-    require([] if shutil.which(BINARY) else [BINARY], "node_exporter end to end")
+    require_tools(BINARY, what="node_exporter end to end")
     textfile_dir = tmp_path / "textfile"
     textfile_dir.mkdir()
     assert collect_on_gateway(states_lab, textfile_dir / "ipsec.prom", "--lock-timeout", "5").returncode == 0

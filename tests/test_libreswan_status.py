@@ -14,7 +14,7 @@ import pytest
 
 import ipsec_textfile as it
 import libreswan_lab
-from conftest import FIXTURES, run_collector
+from conftest import FIXTURES, STATES_STATUSALL, executable, run_collector
 from promfile import by_tunnel, samples, value
 
 STATES_EXPECTED = libreswan_lab.STATES_EXPECTED
@@ -162,11 +162,7 @@ esac
 
 
 def fake_ipsec(tmp_path: Path, status: Path, code: int = 0) -> Path:
-    script = tmp_path / "ipsec"
-    script.write_text(FAKE_IPSEC.format(status=status, code=code,
-                                        statusall=FIXTURES / "states" / "statusall.txt"))
-    script.chmod(0o755)
-    return script
+    return executable(tmp_path / "ipsec", FAKE_IPSEC.format(status=status, code=code, statusall=STATES_STATUSALL))
 
 
 def test_backend_pluto_asks_whack(tmp_path: Path) -> None:
@@ -194,10 +190,8 @@ def test_whack_failing_is_a_failed_run_that_says_why(tmp_path: Path) -> None:
 
 
 def test_a_hung_whack_is_killed_with_its_children(tmp_path: Path) -> None:
-    ipsec = tmp_path / "ipsec"
     pidfile = tmp_path / "child.pid"
-    ipsec.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\nwait\n")
-    ipsec.chmod(0o755)
+    ipsec = executable(tmp_path / "ipsec", f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\nwait\n")
     started = time.monotonic()
     with pytest.raises(it.DaemonError, match="did not answer within 1s"):
         it.PlutoDaemon(str(ipsec), timeout=1).query()

@@ -13,9 +13,10 @@ that produced them:
     tests/fixtures/rekeyed/     an IKEv1 tunnel whose rekeyed CHILD SA is still listed
                                 (lab.start_rekey_lab)
         statusall.txt           `ipsec statusall` output
-        vici.json               the VICI answers ipsec_textfile.ViciDaemon.ask() collects
-                                (version, stats, list-sas, stats-after, list-policies,
-                                list-conns), bytes decoded as UTF-8
+        vici.bin                every byte charon sent on the one VICI connection of
+                                ipsec_textfile.ViciDaemon.ask() (version, stats, list-sas,
+                                stats, list-policies, list-conns), as it sent it: recorded
+                                by lab.ViciProxy in front of its socket; the tests decode it
         etc/...                 the gateway's /etc/ipsec.conf and what it includes
         swanctl.conf            what `swanctl --load-all --file` loaded (swanctl only)
         peer-ipsec.conf         the peer's /etc/ipsec.conf
@@ -26,8 +27,8 @@ that produced them:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import json
 import re
 import shutil
 import sys
@@ -59,7 +60,10 @@ def capture(name: str, start: Callable[[Path], lab.Lab], describe: str) -> None:
             for local, remote, count, size in TRAFFIC[name]:
                 lab.exchange_datagrams(gateway_lab, local, remote, count, size)
             statusall = gateway_lab.gateway.ipsec("statusall")
-            answer = ipsec_textfile.ViciDaemon(gateway_lab.gateway.vici_socket).ask()
+            with contextlib.closing(lab.ViciProxy(Path(tmp) / "recording.vici",
+                                                  gateway_lab.gateway.vici_socket)) as proxy:
+                ipsec_textfile.ViciDaemon(str(proxy.path)).ask()
+            sent = bytes(proxy.from_daemon)
             version = gateway_lab.gateway.ipsec("version").strip().splitlines()[0]
         finally:
             gateway_lab.destroy()
@@ -73,8 +77,8 @@ def capture(name: str, start: Callable[[Path], lab.Lab], describe: str) -> None:
     (target / "statusall.txt").write_text(statusall)
     if name == "rekeyed":
         (target / "statusall-before-5.3.txt").write_text(numbered_by_reqid(statusall))
-    (target / "vici.json").write_text(json.dumps(answer, indent=1) + "\n")
-    sent = "".join(f"- {count} UDP datagrams of {size} bytes from {local} to an echo server at {remote}\n"
+    (target / "vici.bin").write_bytes(sent)
+    traffic = "".join(f"- {count} UDP datagrams of {size} bytes from {local} to an echo server at {remote}\n"
                    for local, remote, count, size in TRAFFIC[name])
     (target / "CAPTURE.md").write_text(
         f"# {name}\n\n"
@@ -82,9 +86,10 @@ def capture(name: str, start: Callable[[Path], lab.Lab], describe: str) -> None:
         f"{datetime.date.today().isoformat()} from {version}.\n\n"
         f"{describe}\n\n"
         "Once the lab had settled, `lab.exchange_datagrams` sent (and got back):\n\n"
-        f"{sent}\n"
+        f"{traffic}\n"
         "Then, back to back inside the gateway's namespaces: `ipsec statusall` (`statusall.txt`)\n"
-        "and `ipsec_textfile.ViciDaemon(socket).ask()` on its /run/charon.vici (`vici.json`).\n"
+        "and `ipsec_textfile.ViciDaemon(socket).ask()` through `lab.ViciProxy` in front of its\n"
+        "/run/charon.vici, which kept every byte charon sent on that connection (`vici.bin`).\n"
         "The peer read `peer-ipsec.conf`; both used PSK authentication and kernel-libipsec\n"
         "(see tests/lab.py).\n"
     )

@@ -11,12 +11,15 @@ Needs root, iproute2, util-linux and Debian's strongSwan packages.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -238,6 +241,8 @@ conn %default
     leftid=gw
     rightid=peer
     keyingtries=%forever
+    # reauthentication in 2 days: stroke prints days past 2 days (ike's below: minutes)
+    ikelifetime=3d
 
 # up, and host of every child below that shares its IKE settings
 conn up
@@ -276,6 +281,7 @@ conn alsoconn
 # the peer accepts this identity but no CHILD SA for it
 conn ike
     leftid=gw-ike
+    ikelifetime=1h
     leftsubnet=10.1.7.0/24
     rightsubnet=10.3.7.0/24
     auto=start
@@ -383,6 +389,10 @@ connections {
     gw {
         local_addrs = 10.99.0.1
         remote_addrs = 10.99.0.2
+        # a rekey and a later reauthentication, both scheduled (charon drops a rekey due
+        # after the reauthentication)
+        rekey_time = 1h
+        reauth_time = 2h
         local { auth = psk
                 id = gw }
         remote { auth = psk
@@ -485,6 +495,47 @@ def start_swanctl_lab(workdir: Path) -> Lab:
         lab.destroy()
         raise
     return lab
+
+
+class ViciProxy:
+    """A Unix socket in front of a host's VICI socket, until closed: passes every byte on,
+    counts the connections made through it, keeps what the daemon sent."""
+
+    def __init__(self, path: Path, upstream: str) -> None:
+        self.path = path
+        self.upstream = upstream
+        self.connections = 0
+        self.from_daemon = bytearray()
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(8)
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.close()
+
+    def serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.server.accept()
+                self.connections += 1
+                daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                daemon.connect(self.upstream)
+                threading.Thread(target=self.pump, args=(client, daemon, None), daemon=True).start()
+                threading.Thread(target=self.pump, args=(daemon, client, self.from_daemon), daemon=True).start()
+
+    @staticmethod
+    def pump(source: socket.socket, sink: socket.socket, keep: bytearray | None) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if keep is not None:
+                    keep += data
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
 
 
 ECHO_SERVER = """\

@@ -20,8 +20,24 @@ LOADED = {"add", "ondemand", "route", "start", "keep", "up"}  # route, up: 5.x p
 SHUNTS = {"passthrough", "pass", "drop", "reject"}
 
 
-class OracleCrashed(Exception):
+class OracleFailed(Exception):
+    """readwriteconf gave no verdict: an exit status it never uses for one, or a signal."""
+
+
+class OracleCrashed(OracleFailed):
     """readwriteconf died of a signal (4.10 does on an X- comment in conn %default)."""
+
+
+def x_key_in_conn_default(text: str) -> bool:
+    """Whether a `conn %default` section sets an X- key: what makes 4.10's readwriteconf crash."""
+    inside = False
+    for line in text.splitlines():
+        if line[:1] in (" ", "\t"):
+            if inside and line.strip().startswith("X-"):
+                return True
+        elif line.strip() and not line.startswith("#"):
+            inside = line.split() == ["conn", "%default"]
+    return False
 
 
 @dataclass
@@ -61,6 +77,8 @@ def verdict(suite: str, config: Path, rootdir: Path | None = None) -> Verdict:
     proc = readwriteconf(suite, config, rootdir)
     if proc.returncode < 0:
         raise OracleCrashed(f"readwriteconf died of signal {-proc.returncode}")
+    if proc.returncode not in (0, 1, 3):
+        raise OracleFailed(f"readwriteconf exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
     # 4.x: status 3 (syntax), or 1 and nothing printed (a bad value); 5.x: FATAL, status 1
     # or 3. A conn that fails its own checks (4.x: "while loading") leaves the rest.
     if (proc.returncode not in (0, 1) or "FATAL" in proc.stderr

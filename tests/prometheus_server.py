@@ -4,7 +4,6 @@ textfile directory: what the end-to-end tests query (alerts, the dashboard's pan
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import urllib.error
 import urllib.parse
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lab
-from conftest import require
+from conftest import require_tools
 from node_exporter import BINARY, NodeExporter, free_port
 
 # Short, so that a test sees several scrapes (and rule evaluations) within seconds.
@@ -82,7 +81,7 @@ class Prometheus:
 @contextmanager
 def monitoring(workdir: Path, rule_files: Sequence[Path] = ()) -> Iterator[tuple[Path, Prometheus]]:
     """node_exporter serving a textfile directory under workdir, and Prometheus scraping it."""
-    require([t for t in (BINARY, "prometheus") if not shutil.which(t)], "Prometheus end to end")
+    require_tools(BINARY, "prometheus", what="Prometheus end to end")
     textfile_dir = workdir / "textfile"
     textfile_dir.mkdir()
     exporter = NodeExporter(textfile_dir)

@@ -35,6 +35,11 @@ class Verdict:
                 if c not in self.dropped and self.auto.get(c) in ("add", "route", "start")]
 
 
+class OracleFailed(Exception):
+    """starter gave no verdict: neither "config OK" with status 0 nor "config invalid!" with
+    another (a crash, a mount that failed, a missing program)."""
+
+
 def starter_verdict(config: Path) -> Verdict:
     proc = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",
@@ -43,8 +48,10 @@ def starter_verdict(config: Path) -> Verdict:
         capture_output=True, text=True, timeout=30, check=False,
     )
     output = proc.stdout + proc.stderr
-    if "config invalid!" in output:
+    if "config invalid!" in output and proc.returncode > 0:
         return Verdict(error=True)
+    if "config OK" not in output or proc.returncode != 0:
+        raise OracleFailed(f"starter --conftest exited {proc.returncode}: {output.strip()[-300:]}")
     verdict = Verdict(error=False)
     current = None
     for line in output.splitlines():

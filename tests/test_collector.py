@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, require, run_collector
-from promfile import by_tunnel, value
+from conftest import ROOT, STATES_STATUSALL, executable, replay, require, require_tools, run_collector
+from promfile import by_tunnel, samples, value
 
-STATUSALL = FIXTURES / "states" / "statusall.txt"
 CONF = """\
 conn %default
     auto=add
@@ -36,11 +35,6 @@ def conf(tmp_path: Path) -> Path:
     return path
 
 
-def replay(conf: Path, output: str, *more: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return run_collector("--config", str(conf), "--status-file", str(STATUSALL),
-                         "--output", output, *more, **kwargs)  # type: ignore[arg-type]
-
-
 def test_replay_writes_every_tunnel_and_success(conf: Path, tmp_path: Path) -> None:
     out = tmp_path / "ipsec.prom"
     proc = replay(conf, str(out))
@@ -50,6 +44,28 @@ def test_replay_writes_every_tunnel_and_success(conf: Path, tmp_path: Path) -> N
     assert value(text, "ipsec_textfile_success") == 1
     assert value(text, "ipsec_textfile_duration_seconds") > 0
     assert abs(value(text, "ipsec_textfile_last_run_timestamp_seconds") - os.path.getmtime(out)) < 60
+
+
+# strongSwan's ike_sa_state names (src/libcharon/sa/ike_sa.h).
+IKE_SA_STATES = ["CREATED", "CONNECTING", "ESTABLISHED", "PASSIVE", "REKEYING", "REKEYED", "DELETING", "DESTROYING"]
+
+
+def test_ike_sas_by_state_every_state_always_present(conf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ipsec.prom"
+    assert replay(conf, str(out)).returncode == 0
+    by_state = {dict(labels)["state"]: v for (name, labels), v in samples(out.read_text()).items()
+                if name == "ipsec_ike_sas"}
+    # The capture holds up's and ike's IKE SAs ESTABLISHED and connecting's CONNECTING.
+    assert by_state == {**dict.fromkeys(IKE_SA_STATES, 0), "ESTABLISHED": 2, "CONNECTING": 1}
+
+
+def test_ike_established_is_whether_the_carrying_ike_sa_is(conf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ipsec.prom"
+    assert replay(conf, str(out)).returncode == 0
+    # site and a.b_c-d ride on up's ESTABLISHED IKE SA, ike has its own; connecting's is
+    # CONNECTING, sit has none; ignored tunnels get ipsec_status alone.
+    assert by_tunnel(out.read_text(), "ipsec_ike_established") == {
+        "site": 1, "a.b_c-d": 1, "ike": 1, "connecting": 0, "sit": 0}
 
 
 def test_output_dash_prints_the_exposition(conf: Path) -> None:
@@ -127,9 +143,7 @@ def test_daemon_that_cannot_be_asked_reports_no_tunnel_up(
 
 
 def test_daemon_that_does_not_answer_in_time(conf: Path, tmp_path: Path) -> None:
-    slow = tmp_path / "slow-ipsec"
-    slow.write_text("#!/bin/sh\nexec sleep 30\n")
-    slow.chmod(0o755)
+    slow = executable(tmp_path / "slow-ipsec", "#!/bin/sh\nexec sleep 30\n")
     proc = run_collector("--config", str(conf), "--ipsec", str(slow), "--timeout", "0.5",
                          "--output", str(tmp_path / "ipsec.prom"))
     assert proc.returncode == 1
@@ -138,8 +152,7 @@ def test_daemon_that_does_not_answer_in_time(conf: Path, tmp_path: Path) -> None
 
 def test_charon_not_running_is_an_error_not_an_empty_gateway(conf: Path, tmp_path: Path) -> None:
     # A private, empty /run: the real `ipsec` command finds no charon.
-    require([t for t in ("ipsec", "unshare") if not shutil.which(t)] +
-            ([] if os.geteuid() == 0 else ["root"]), "running ipsec without a daemon")
+    require_tools("ipsec", "unshare", what="running ipsec without a daemon", root=True)
     out = tmp_path / "ipsec.prom"
     proc = run_collector("--config", str(conf), "--output", str(out),
                          prefix=["unshare", "-m", "--propagation", "private", "sh", "-c",
@@ -147,7 +160,28 @@ def test_charon_not_running_is_an_error_not_an_empty_gateway(conf: Path, tmp_pat
     assert proc.returncode == 1
     assert "ipsec statusall` gave no usable daemon status" in proc.stderr
     assert "is charon running?" in proc.stderr
-    assert 0 not in by_tunnel(out.read_text(), "ipsec_status").values()
+    # README: every tunnel that is not ignored at 3, none left out.
+    assert by_tunnel(out.read_text(), "ipsec_status") == {n: 4 if v == 4 else 3 for n, v in EXPECTED.items()}
+
+
+def test_readme_sample_output_is_what_the_replay_it_names_prints() -> None:
+    readme = (ROOT / "README.md").read_text()
+    intro = readme.index("Sample output, from a checkout: `python3 ipsec_textfile.py --config")
+    command = " ".join(readme[intro:].split("`")[1].split())
+    block = readme.index("```\n", intro) + 4
+    sample = readme[block : readme.index("```\n", block)].splitlines()
+    args = command.split()[2:]
+    assert args[-2:] == ["--output", "-"]
+    printed = iter(run_collector(*[str(ROOT / a) if a.startswith("tests/") else a for a in args]).stdout.splitlines())
+    shown = 0
+    for line in sample:
+        if line == "…":
+            continue
+        # Every other line, in order: verbatim, or up to a value that moves with the clock.
+        prefix = line[: -len("…")] if line.endswith(" …") else None
+        assert any(p == line or (prefix is not None and p.startswith(prefix)) for p in printed), line
+        shown += 1
+    assert shown > 40
 
 
 def test_help_explains_flags_values_and_cron() -> None:
@@ -162,7 +196,7 @@ def test_installed_console_script_behaves_like_the_checkout(conf: Path) -> None:
     installed = shutil.which("ipsec-textfile")
     require([] if installed else ["ipsec-textfile on PATH (pip install .)"], "the console script")
     assert installed is not None
-    proc = subprocess.run([installed, "--config", str(conf), "--status-file", str(STATUSALL),
+    proc = subprocess.run([installed, "--config", str(conf), "--status-file", str(STATES_STATUSALL),
                            "--output", "-"], capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 0
     checkout = replay(conf, "-")
@@ -173,10 +207,9 @@ def test_installed_console_script_behaves_like_the_checkout(conf: Path) -> None:
 
 
 def test_promtool_accepts_the_file(conf: Path, tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
-    require([] if promtool else ["promtool"], "checking metrics")
+    require_tools("promtool", what="checking metrics")
     out = tmp_path / "ipsec.prom"
     assert replay(conf, str(out)).returncode == 0
-    check = subprocess.run([str(promtool), "check", "metrics"], input=out.read_text(),
+    check = subprocess.run(["promtool", "check", "metrics"], input=out.read_text(),
                            capture_output=True, text=True, timeout=30, check=False)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -103,7 +103,8 @@ def traffic(debian_gateways: Gateways, kind: str) -> Traffic:
 def test_the_timer_serves_every_tunnel_state(gateway: debian_lab.Gateway) -> None:
     run = gateway.wait_for_timer_run(after=gateway.settled_at)
     assert (run.status, run.result) == (0, "success")
-    # Started by the timer: it fired just before the run, and nothing else starts the service.
+    # Started by the timer: it fired before the run (nothing else starts the service), and
+    # systemd started the run on it, at once: 10 s, a margin a loaded 2-core machine keeps.
     assert 0 < run.triggered <= run.started < run.triggered + 10_000_000
 
     page = gateway.scrape()
@@ -118,7 +119,7 @@ def test_the_timer_serves_every_tunnel_state(gateway: debian_lab.Gateway) -> Non
     assert value(page, "ipsec_textfile_success") == 1
     assert value(page, "node_textfile_scrape_error") == 0
     assert info["version"] == gateway.strongswan_version()
-    assert info["backend"] in ("stroke", "vici")
+    assert info["backend"] == "vici"  # README's table: auto picks VICI on every release
 
 
 @pytest.mark.parametrize("kind", KINDS)

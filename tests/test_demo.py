@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,14 +12,15 @@ from pathlib import Path
 import pytest
 
 import lab
-from conftest import ROOT, require
+from conftest import ROOT, require, require_tools
 from node_exporter import BINARY
 
 DEMO = ROOT / "demo" / "demo.py"
 
 
 def start_demo(*args: str) -> subprocess.Popen[str]:
-    require([*lab.missing_tools(), *([] if shutil.which(BINARY) else [BINARY])], "the demo")
+    require_tools(BINARY, what="the demo")
+    require(lab.missing_tools(), "the demo")
     return subprocess.Popen([sys.executable, str(DEMO), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 

@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ipsec_textfile as it
 import libreswan_lab
 from conftest import ROOT, require
-from libreswan_oracle import OracleCrashed, Verdict, addconn_rejects, verdict
+from libreswan_oracle import OracleCrashed, Verdict, addconn_rejects, verdict, x_key_in_conn_default
 
 CORPUS = ROOT.parent / "shared" / "corpus"
 SUITES = sorted(libreswan_lab.SUITES)
@@ -128,9 +128,10 @@ def tally(request: pytest.FixtureRequest) -> Iterator[dict[str, list[int]]]:
     counts: dict[str, list[int]] = {}
     yield counts
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    for suite, (agreed, compared) in sorted(counts.items()):
+    for suite, (agreed, compared, crashed) in sorted(counts.items()):
         reporter.write_line(f"libreswan {libreswan_lab.SUITES[suite]} generated agreement: "
-                            f"{agreed}/{compared} configs")
+                            f"{agreed}/{compared} configs; {crashed} more crashed readwriteconf "
+                            "(4.10's known bug: an X- key in conn %default)")
 
 
 @pytest.mark.parametrize("suite", SUITES)
@@ -149,12 +150,15 @@ def test_generated_configs_agree_with_libreswan(suite: str, config: tuple[str, s
         try:
             theirs = verdict(suite, path)
         except OracleCrashed:
-            assume(False)  # no verdict to compare with
+            # libreswan 4.10's own bug, on this input only; any other failure fails the test.
+            assert version.startswith("4.") and x_key_in_conn_default(main + "\n" + included), \
+                f"readwriteconf crashed:\n{main}---\n{included}"
+            tally.setdefault(suite, [0, 0, 0])[2] += 1
             return
         found = differences(ours(path, version=version), theirs)
         if addconn_rejects(suite, path) != theirs.error:
             found.append("oracle: addconn --checkconfig and readwriteconf disagree on rejecting it")
-    counts = tally.setdefault(suite, [0, 0])
+    counts = tally.setdefault(suite, [0, 0, 0])
     counts[0] += not found
     counts[1] += 1
     assert found == [], f"{main}---\n{included}"

@@ -14,7 +14,7 @@ import pytest
 
 import lab
 import prometheus_server
-from conftest import BACKENDS, ROOT, require, run_collector
+from conftest import BACKENDS, ROOT, require_tools, run_collector
 from promfile import by_tunnel
 
 SYSTEMD = ROOT / "systemd"
@@ -36,7 +36,7 @@ def unit(name: str) -> configparser.ConfigParser:
 @pytest.fixture
 def unit_root(tmp_path: Path) -> Path:
     """A root directory with the units installed as README says, for systemd-analyze --root."""
-    require([] if shutil.which("systemd-analyze") else ["systemd-analyze"], "unit checks")
+    require_tools("systemd-analyze", what="unit checks")
     (tmp_path / "etc" / "systemd" / "system").mkdir(parents=True)
     for name in ("ipsec-textfile.service", "ipsec-textfile.timer"):
         shutil.copy(SYSTEMD / name, tmp_path / "etc" / "systemd" / "system" / name)
@@ -97,7 +97,7 @@ def test_cron_entry_runs_every_minute_into_the_same_file() -> None:
 def test_collector_works_within_the_units_limits(states_lab: lab.Lab, tmp_path: Path, backend: str) -> None:
     # What the service's sandbox takes away and this machine can take away without systemd:
     # every capability (CapabilityBoundingSet=), new privileges, the network (PrivateNetwork=).
-    require([] if shutil.which("setpriv") else ["setpriv"], "the sandbox check")
+    require_tools("setpriv", what="the sandbox check")
     out = tmp_path / "ipsec.prom"
     sandbox = ["unshare", "--net", "setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
     proc = run_collector("--output", str(out), "--backend", backend,
@@ -110,7 +110,7 @@ def test_collector_works_within_the_units_limits(states_lab: lab.Lab, tmp_path: 
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    require([] if shutil.which("promtool") else ["promtool"], "rule checks")
+    require_tools("promtool", what="rule checks")
     return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120, check=False)
 
 

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, SCRIPT, require, run_collector
+from conftest import FIXTURES, SCRIPT, STATES_STATUSALL, replay, require
 
 ATTACKER = "prometheus"  # the user Debian's prometheus-node-exporter runs as
-REPLAY = ["--config", str(FIXTURES / "states" / "etc" / "ipsec.conf"),
-          "--status-file", str(FIXTURES / "states" / "statusall.txt")]
+STATES_CONF = FIXTURES / "states" / "etc" / "ipsec.conf"
 
 
 def attacker_missing() -> list[str]:
@@ -119,7 +118,7 @@ def assert_refused(proc: subprocess.CompletedProcess[str], why: str,
 
 
 def collect(gw: Gateway) -> subprocess.CompletedProcess[str]:
-    return run_collector(*REPLAY, "--output", str(gw.output))
+    return replay(STATES_CONF, gw.output)
 
 
 def test_the_untouched_layout_is_written(gateway: Gateway) -> None:
@@ -201,7 +200,8 @@ def test_a_directory_swapped_during_a_run_is_not_written_to(gateway: Gateway) ->
     held = os.open(str(gateway.output) + ".lock", os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)  # as an overlapping run holds it
     try:
-        run = subprocess.Popen([sys.executable, str(SCRIPT), *REPLAY, "--output", str(gateway.output),
+        run = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(STATES_CONF), "--status-file",
+                                str(STATES_STATUSALL), "--output", str(gateway.output),
                                 "--lock-timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
         wait_until_open(run.pid, gateway.textfile_dir)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import ipsec_textfile as it
 import lab
-from conftest import FIXTURES
+from conftest import FIXTURES, vici_answer
 
 STATES = FIXTURES / "states"
 SWANCTL = FIXTURES / "swanctl"
@@ -18,11 +17,6 @@ SWANCTL = FIXTURES / "swanctl"
 
 def states_snapshot() -> it.DaemonState:
     return it.parse_statusall((STATES / "statusall.txt").read_text())
-
-
-def vici_answer(fixture: Path) -> dict[str, Any]:
-    answer: dict[str, Any] = json.loads((fixture / "vici.json").read_text())
-    return answer
 
 
 def states_tunnels() -> list[it.Tunnel]:
@@ -66,14 +60,38 @@ def test_stroke_traffic_counts_plural_and_singular_packets() -> None:
 def test_stroke_times_in_seconds() -> None:
     snapshot = states_snapshot()
     text = (STATES / "statusall.txt").read_text()
-    up = next(sa for sa in snapshot.ike_sas if sa.name == "up")
-    # "ESTABLISHED 1 second ago", "reauthentication in 2 hours": stroke's units, in seconds.
-    assert f"ESTABLISHED {up.age:g} second" in text
-    assert up.next_rekey is not None and f"reauthentication in {up.next_rekey / 3600:g} hours" in text
+    up, ike = (next(sa for sa in snapshot.ike_sas if sa.name == name) for name in ("up", "ike"))
+    # "ESTABLISHED 1 second ago", "reauthentication in 2 days" (ikelifetime=3d), "... in 43
+    # minutes" (ikelifetime=1h): stroke's units, in seconds.
+    assert up.age is not None and up.age > 0 and f"up[1]: ESTABLISHED {up.age:g} second" in text
+    assert up.next_rekey is not None and f"reauthentication in {up.next_rekey / 86400:g} days" in text
+    assert up.next_rekey >= 2 * 86400
+    assert ike.next_rekey is not None and f"reauthentication in {ike.next_rekey / 60:g} minutes" in text
+    swanctl = it.parse_statusall((SWANCTL / "statusall.txt").read_text())
+    gw_ike = next(sa for sa in swanctl.ike_sas if sa.name == "gw-ike")
+    assert gw_ike.next_rekey is not None
+    assert f"rekeying in {gw_ike.next_rekey / 3600:g} hours" in (SWANCTL / "statusall.txt").read_text()
     assert snapshot.version == "5.9.8"
     assert snapshot.uptime is not None and snapshot.uptime > 0
     connecting = next(sa for sa in snapshot.ike_sas if sa.name == "connecting")
     assert (connecting.age, connecting.next_rekey) == (None, None)
+
+
+def test_next_rekey_is_the_rekey_or_the_reauthentication_whichever_comes_first() -> None:
+    # swanctl.conf's gw: rekey_time 1h, reauth_time 2h; charon schedules both.
+    text = (SWANCTL / "statusall.txt").read_text()
+    line = next(line for line in text.splitlines() if "gw[1]: IKEv2 SPIs" in line)
+    stroke = {word: int(n) * {"minutes": 60, "hours": 3600}[unit] for word, n, unit in
+              re.findall(r"(rekeying|reauthentication) in (\d+) (minutes|hours)", line)}
+    assert set(stroke) == {"rekeying", "reauthentication"} and stroke["rekeying"] < stroke["reauthentication"]
+    (gw,) = (sa for sa in it.parse_statusall(text).ike_sas if sa.name == "gw")
+    assert gw.next_rekey == min(stroke.values())
+    answer = vici_answer(SWANCTL)
+    vici_gw = next(event["gw"] for event in answer["list-sas"] if "gw" in event)
+    times = [int(vici_gw["rekey-time"]), int(vici_gw["reauth-time"])]
+    assert times[0] < times[1]
+    (gw,) = (sa for sa in it.parse_vici(answer).ike_sas if sa.name == "gw")
+    assert gw.next_rekey == min(times)
 
 
 def test_vici_answer_gives_every_ipsec_conf_tunnel_the_same_as_stroke() -> None:
@@ -168,6 +186,27 @@ def test_a_tunnel_whose_child_sa_is_being_rekeyed_is_up_with_both_sas_counted(ca
     # The capture sent 2 datagrams of 100 bytes through the new SA after the rekey.
     assert status.detail.traffic == sum((c.traffic for c in snapshot.child_sas), it.Traffic())
     assert status.detail.traffic == it.Traffic(256, 256, 2, 2)
+
+
+def test_both_backends_agree_on_a_rekeyed_tunnel_except_the_old_sas_traffic_stroke_hides() -> None:
+    # Taken back to back: VICI lists traffic for a CHILD SA that is INSTALLED, REKEYING or
+    # REKEYED; stroke prints a traffic line for INSTALLED ones only (charon's vici_query.c and
+    # stroke_list.c). The old SA's traffic is real: VICI's sum is the tunnel's traffic.
+    tunnels = it.read_config(str(REKEYED / "etc" / "ipsec.conf"))
+    (stroke,) = it.classify(tunnels, it.parse_statusall((REKEYED / "statusall.txt").read_text()))
+    vici_state = it.parse_vici(vici_answer(REKEYED))
+    (vici,) = it.classify(it.all_tunnels(tunnels, vici_state.loaded), vici_state)
+    assert stroke.detail is not None and vici.detail is not None
+    assert (vici.name, vici.status, vici.routed) == (stroke.name, stroke.status, stroke.routed) == ("v1", 0, False)
+    assert vici.detail.installed_child_sas == stroke.detail.installed_child_sas == 1
+    assert vici.detail.config == stroke.detail.config
+    assert vici.detail.ike is not None and stroke.detail.ike is not None
+    assert (vici.detail.ike.uid, vici.detail.ike.state) == (stroke.detail.ike.uid, stroke.detail.ike.state)
+    # 3 datagrams of 100 bytes (128 on the wire) came in before the rekey, 2 each way after.
+    old = next(c for c in vici_state.child_sas if c.state == "REKEYED").traffic
+    assert old == it.Traffic(384, 0, 3, 0)
+    assert stroke.detail.traffic == it.Traffic(256, 256, 2, 2)
+    assert vici.detail.traffic == stroke.detail.traffic + old == it.Traffic(640, 256, 5, 2)
 
 
 def test_a_weakswan_build_is_read_like_strongswan() -> None:

@@ -4,7 +4,8 @@ The gateway and its peer are tests/lab.py's hosts. `make_pki` issues, with exact
 validity times (pki runs in UTC, so each time given is the time written):
 
     root CA          self-signed, 10 years               ipsec.d/cacerts (charon loads it unasked)
-    odd, latin1      self-signed CAs with awkward names  ipsec.d/cacerts (see make_pki)
+    odd, latin1,     self-signed CAs with awkward names  ipsec.d/cacerts (see make_pki)
+    utf8
     intermediate CA  issued by the root, 40 days left    ipsec.d/cacerts
     gw.lab           the gateway's own, 20 days left     conn up's leftcert (the tunnel that comes up)
     days.lab         issued by the intermediate, 3 days  conn days's leftcert (auto=add)
@@ -39,6 +40,8 @@ INTERMEDIATE_DN = "C=CH, O=ipsec-textfile lab, CN=Lab Intermediate CA"
 ODD_DN = r'C=CH, O=ipsec-textfile lab, CN=say "hi" \back\slash'
 LATIN1_DN = b"C=CH, O=ipsec-textfile lab, CN=caf\xe9"
 LATIN1_SHOWN = "C=CH, O=ipsec-textfile lab, CN=caf?"
+UTF8_DN = "C=CH, O=ipsec-textfile lab, CN=caf\u00e9"  # two bytes in UTF-8: strongSwan prints '??'
+UTF8_SHOWN = "C=CH, O=ipsec-textfile lab, CN=caf??"
 
 
 @dataclass(frozen=True)
@@ -116,16 +119,18 @@ def make_pki(directory: Path, now: int) -> tuple[list[Issued], list[IssuedCrl]]:
     directory.mkdir(parents=True, exist_ok=True)
     root_from, root_until = now - DAY, now + 3650 * DAY
     self_signed(directory, "root", ROOT_DN, "01", root_from, root_until)
-    # Two more CAs that charon loads unasked, with names a reader must not trip over: quotes
-    # and backslashes; a byte that is not UTF-8 (pki copies it into a UTF8String, strongSwan
-    # prints it as '?', the cryptography package refuses the name).
+    # More CAs that charon loads unasked, with names a reader must not trip over: quotes and
+    # backslashes; a byte that is not UTF-8 (pki copies it into a UTF8String, strongSwan prints
+    # it as '?', the cryptography package refuses the name); a letter outside ASCII.
     self_signed(directory, "odd", ODD_DN, "0b", now - DAY, now + 100 * DAY)
     self_signed(directory, "latin1", os.fsdecode(LATIN1_DN), "0c", now - DAY, now + 200 * DAY)
+    self_signed(directory, "utf8", UTF8_DN, "0d", now - DAY, now + 150 * DAY)
     # A serial with its high bit set: DER writes a leading zero byte that is not part of it.
     certs = [
         Issued("root.crt", ROOT_DN, ROOT_DN, "01", "ca", root_from, root_until),
         Issued("odd.crt", ODD_DN, ODD_DN, "0b", "ca", now - DAY, now + 100 * DAY),
         Issued("latin1.crt", LATIN1_SHOWN, LATIN1_SHOWN, "0c", "ca", now - DAY, now + 200 * DAY, readable=False),
+        Issued("utf8.crt", UTF8_SHOWN, UTF8_SHOWN, "0d", "ca", now - DAY, now + 150 * DAY),
         Issued("intermediate.crt", INTERMEDIATE_DN, ROOT_DN, "8a:01", "intermediate", now - DAY, now + 40 * DAY),
         Issued("gw.crt", "C=CH, O=ipsec-textfile lab, CN=gw.lab", ROOT_DN, "02", "end-entity",
                now - 2 * DAY, now + 20 * DAY),
@@ -134,7 +139,7 @@ def make_pki(directory: Path, now: int) -> tuple[list[Issued], list[IssuedCrl]]:
         Issued("expired.crt", "C=CH, O=ipsec-textfile lab, CN=expired.lab", ROOT_DN, "04", "end-entity",
                now - 30 * DAY, now - 2 * DAY),
     ]
-    for cert in certs[3:]:
+    for cert in certs[4:]:
         name = cert.file[:-len(".crt")]
         ca = "root" if cert.issuer == ROOT_DN else "intermediate"
         extra = ["--ca"] if cert.type == "intermediate" else ["--san", cert.subject.rsplit("=", 1)[1],
@@ -219,7 +224,7 @@ def start_cert_lab(workdir: Path) -> CertLab:
     try:
         gateway.write_config(GATEWAY_CONF, ["10.1.1.1/32"])
         install(gateway, workdir / "pki", ["gw.crt", "days.crt", "expired.crt"],
-                ["root.crt", "intermediate.crt", "odd.crt", "latin1.crt"],
+                ["root.crt", "intermediate.crt", "odd.crt", "latin1.crt", "utf8.crt"],
                 [c.file for c in crls], ["gw.key", "days.key", "expired.key"])
         peer.write_config(PEER_CONF, ["10.2.1.1/32"])
         install(peer, workdir / "pki", ["peer.crt"], ["root.crt"], [], ["peer.key"])

@@ -73,7 +73,7 @@ def test_vici_der_gives_the_same_but_one_name_the_library_refuses(capsys: pytest
     assert sorted(certificates, key=key) == sorted(expected_certificates(readable_only=True), key=key)
     assert sorted(crls, key=lambda c: c.issuer) == sorted(expected_crls(), key=lambda c: c.issuer)
     (warning,) = warnings(capsys.readouterr().err)
-    assert "1 of the 10 certificates and CRLs" in warning and "serial 0c" in warning
+    assert "1 of the 11 certificates and CRLs" in warning and "serial 0c" in warning
 
 
 def test_a_listing_in_local_time_is_never_read_as_utc(capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,7 +93,7 @@ def test_an_unreadable_certificate_is_left_out_and_the_rest_written(capsys: pyte
     assert sorted(certificates, key=key) == sorted(expected_certificates(readable_only=True), key=key)
     assert len(crls) == 2
     (warning,) = warnings(capsys.readouterr().err)
-    assert "3 of the 12 certificates and CRLs the daemon listed cannot be read" in warning
+    assert "3 of the 13 certificates and CRLs the daemon listed cannot be read" in warning
 
 
 def test_without_cryptography_one_warning_and_no_certificate(

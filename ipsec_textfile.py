@@ -44,6 +44,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1396,10 +1397,10 @@ def _unix_time(moment: Any) -> float:
     return float(calendar.timegm(moment.utctimetuple()))
 
 
-def _still_known(x509: Any, der: bytes) -> str:
+def _still_known(x509: Any, der: bytes, backend: Any) -> str:
     """What can still be told of a certificate whose names the library refuses."""
     try:
-        cert = x509.load_der_x509_certificate(der)
+        cert = x509.load_der_x509_certificate(der, backend)
         expiry = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(_unix_time(_datetime(cert, "not_valid_after"))))
         return f" with serial {_serial(cert.serial_number)}, not after {expiry} UTC"
     except Exception:  # noqa: BLE001 (no more to tell)
@@ -1414,7 +1415,12 @@ def vici_certificates(events: list[ViciMessage]) -> tuple[list[Certificate], lis
     if not wanted:
         return [], []
     try:
-        from cryptography import x509
+        # Not a line per run in the log for a library's own notices (cryptography 47 warns on
+        # import under Python 3.8).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from cryptography import x509
+            from cryptography.hazmat.backends import default_backend
     except ImportError:
         warn(f"the daemon holds {len(wanted)} certificates and CRLs, but without the Python package "
              "cryptography (Debian: python3-cryptography) they cannot be read: no certificate series")
@@ -1427,19 +1433,19 @@ def vici_certificates(events: list[ViciMessage]) -> tuple[list[Certificate], lis
         der = event.get("data", "").encode("utf-8", "surrogateescape")
         try:
             if event["type"] == "X509_CRL":
-                crl = x509.load_der_x509_crl(der)
+                crl = x509.load_der_x509_crl(der, default_backend())  # required before cryptography 3.1
                 next_update = _datetime(crl, "next_update")
                 if next_update is not None:  # a CRL without a next update never goes stale
                     crls.append(Crl(strongswan_dn(crl.issuer), _unix_time(next_update)))
                 continue
-            cert = x509.load_der_x509_certificate(der)
+            cert = x509.load_der_x509_certificate(der, default_backend())
             subject, issuer = strongswan_dn(cert.subject), strongswan_dn(cert.issuer)
             certificates.append(Certificate(
                 subject, issuer, _serial(cert.serial_number),
                 certificate_type(event.get("flag", "NONE"), subject, issuer),
                 _unix_time(_datetime(cert, "not_valid_before")), _unix_time(_datetime(cert, "not_valid_after"))))
         except Exception as e:  # noqa: BLE001 (whatever the library raises for one entry, the rest is written)
-            what = "CRL" if event["type"] == "X509_CRL" else f"certificate{_still_known(x509, der)}"
+            what = "CRL" if event["type"] == "X509_CRL" else f"certificate{_still_known(x509, der, default_backend())}"
             unreadable.append(f"{what}, number {number} of the list ({type(e).__name__}: {e})")
     if unreadable:
         warn(f"{len(unreadable)} of the {len(wanted)} certificates and CRLs the daemon listed cannot be read "

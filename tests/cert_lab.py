@@ -115,7 +115,9 @@ def self_signed(directory: Path, name: str, dn: str, serial: str, not_before: in
         "--not-before", utc(not_before), "--not-after", utc(not_after), "--dateform", DATE_FORMAT))
 
 
-def make_pki(directory: Path, now: int) -> tuple[list[Issued], list[IssuedCrl]]:
+def make_pki(directory: Path, now: int, bulk: int = 0) -> tuple[list[Issued], list[IssuedCrl]]:
+    """The lab's certificates and CRLs; bulk more CAs issued by the root (bulk-N.crt, one key),
+    for the benchmark."""
     directory.mkdir(parents=True, exist_ok=True)
     root_from, root_until = now - DAY, now + 3650 * DAY
     self_signed(directory, "root", ROOT_DN, "01", root_from, root_until)
@@ -146,6 +148,18 @@ def make_pki(directory: Path, now: int) -> tuple[list[Issued], list[IssuedCrl]]:
                                                                "--flag", "serverAuth", "--flag", "clientAuth"]
         issue(directory, name, cert.subject, ca, cert.serial.replace(":", ""), cert.not_before, cert.not_after,
               *extra)
+    if bulk:
+        public = directory / "bulk.pub"
+        public.write_bytes(pki("--pub", "--in", str(key(directory / "bulk.key"))))
+    for n in range(bulk):
+        serial = f"{0x1000 + n:04x}"
+        cert = Issued(f"bulk-{n}.crt", f"C=CH, O=ipsec-textfile lab, CN=bulk CA {n}", ROOT_DN,
+                      f"{serial[:2]}:{serial[2:]}", "intermediate", now - DAY, now + (30 + n % 300) * DAY)
+        (directory / cert.file).write_bytes(pki(
+            "--issue", "--in", str(public), "--cacert", str(directory / "root.crt"), "--cakey",
+            str(directory / "root.key"), "--dn", cert.subject, "--serial", serial, "--ca",
+            "--not-before", utc(cert.not_before), "--not-after", utc(cert.not_after), "--dateform", DATE_FORMAT))
+        certs.append(cert)
     # The peer's, which the gateway holds once the peer has authenticated with it.
     peer = Issued("peer.crt", "C=CH, O=ipsec-textfile lab, CN=peer.lab", ROOT_DN, "05", "end-entity",
                   now - DAY, now + 300 * DAY)
@@ -213,10 +227,11 @@ def install(host: lab.Host, directory: Path, certs: list[str], cacerts: list[str
     secrets.chmod(0o600)
 
 
-def start_cert_lab(workdir: Path) -> CertLab:
-    """Bring up the gateway, its tunnel up established with gw.lab's certificate."""
+def start_cert_lab(workdir: Path, bulk: int = 0) -> CertLab:
+    """Bring up the gateway, its tunnel up established with gw.lab's certificate (and bulk
+    more CAs loaded, see make_pki)."""
     now = int(time.time())
-    certs, crls = make_pki(workdir / "pki", now)
+    certs, crls = make_pki(workdir / "pki", now, bulk)
     cert_lab = CertLab(lab.Lab(workdir), certs, crls)
     gateway, peer = cert_lab.lab.gateway, cert_lab.lab.peer
     gateway.environment["TZ"] = GATEWAY_TZ
@@ -224,9 +239,12 @@ def start_cert_lab(workdir: Path) -> CertLab:
     try:
         gateway.write_config(GATEWAY_CONF, ["10.1.1.1/32"])
         install(gateway, workdir / "pki", ["gw.crt", "days.crt", "expired.crt"],
-                ["root.crt", "intermediate.crt", "odd.crt", "latin1.crt", "utf8.crt"],
+                ["root.crt", "intermediate.crt", "odd.crt", "latin1.crt", "utf8.crt",
+                 *(f"bulk-{n}.crt" for n in range(bulk))],
                 [c.file for c in crls], ["gw.key", "days.key", "expired.key"])
-        peer.write_config(PEER_CONF, ["10.2.1.1/32"])
+        # The gateway's IKE_AUTH asks for a certificate of every CA it trusts (20 bytes each):
+        # past charon's 10000-byte message limit with the benchmark's bulk CAs.
+        peer.write_config(PEER_CONF, ["10.2.1.1/32"], charon_options="max_packet = 262144")
         install(peer, workdir / "pki", ["peer.crt"], ["root.crt"], [], ["peer.key"])
         cert_lab.lab.start()
         lab.wait_for_status(gateway, lambda s: "up{" in s and "INSTALLED" in s, 30, "tunnel up to come up")

@@ -9,8 +9,11 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,9 @@ from prometheus_client import generate_latest
 
 import cert_lab
 import ipsec_textfile as it
+import lab
 from conftest import FIXTURES, require, run_collector
-from promfile import samples
+from promfile import by_tunnel, samples
 
 CERTS = FIXTURES / "certificates"
 NOT_AFTER = "ipsec_certificate_not_after_timestamp_seconds"
@@ -172,6 +176,79 @@ def test_thousands_of_certificates_each_written(capsys: pytest.CaptureFixture[st
     assert sorted(not_after) == [start.replace(tzinfo=datetime.timezone.utc).timestamp() + s
                                  for s in range(1, count + 1)]
     promtool_check(text)
+
+
+# ---------------------------------------------------------------- a daemon slow to list them
+
+STATES = FIXTURES / "states"
+
+
+def replaying_vici(path: Path, answer: dict[str, Any]) -> None:
+    """A VICI socket that answers one client from a captured conversation (states/vici.json),
+    then takes longer than the client waits over list-certs, as charon can with thousands."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        client, _ = server.accept()
+        vici = it.ViciConnection(client, "replay", time.monotonic() + 60)
+        asked: list[str] = []
+        event = ""
+        try:
+            while True:
+                kind, name, _ = vici.receive()
+                if kind in (it._VICI_EVENT_REGISTER, it._VICI_EVENT_UNREGISTER):
+                    event = name
+                    vici.send(it._VICI_EVENT_CONFIRM, "")
+                    continue
+                if name == "list-certs":
+                    time.sleep(10)  # past the client's --timeout
+                    break
+                key = "stats-after" if name == "stats" and "stats" in asked else name
+                asked.append(name)
+                part = answer[key]
+                for message in part if isinstance(part, list) else []:
+                    vici.send(it._VICI_EVENT, event, message)
+                vici.send(it._VICI_CMD_RESPONSE, "", {} if isinstance(part, list) else part)
+        except (it.ViciError, OSError):
+            pass  # the client went away
+        finally:
+            client.close()
+            server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def test_vici_slow_to_list_certificates_still_gives_every_tunnel(tmp_path: Path) -> None:
+    sock = tmp_path / "charon.vici"
+    replaying_vici(sock, json.loads((STATES / "vici.json").read_text()))
+    proc = run_collector("--config", str(STATES / "etc" / "ipsec.conf"), "--output", "-", "--backend", "vici",
+                         "--vici-socket", str(sock), "--timeout", "2")
+    assert proc.returncode == 0
+    (warning,) = warnings(proc.stderr)
+    assert "did not list its certificates within 2s" in warning
+    assert by_tunnel(proc.stdout, "ipsec_status") == lab.STATES_EXPECTED
+    assert certificate_series(proc.stdout) == {}
+
+
+def test_stroke_slow_to_list_certificates_still_gives_every_tunnel(tmp_path: Path) -> None:
+    ipsec = tmp_path / "ipsec"
+    ipsec.write_text('#!/bin/sh\nif [ "$1" = statusall ]; then cat "$STATUSALL"; else sleep 30; fi\n')
+    ipsec.chmod(0o755)
+    started = time.monotonic()
+    proc = run_collector("--config", str(STATES / "etc" / "ipsec.conf"), "--output", "-", "--backend", "stroke",
+                         "--ipsec", str(ipsec), "--timeout", "2",
+                         prefix=["env", f"STATUSALL={STATES / 'statusall.txt'}"])
+    assert time.monotonic() - started < 15  # the sleeping listing was killed
+    assert proc.returncode == 0
+    (warning,) = warnings(proc.stderr)
+    assert "did not list its certificates within 2s" in warning
+    # The config's include names the gateway's /etc/ipsec.d, absent here: stroke knows tunnels
+    # from the config alone.
+    assert by_tunnel(proc.stdout, "ipsec_status") == {k: v for k, v in lab.STATES_EXPECTED.items()
+                                                       if k != "included"}
+    assert certificate_series(proc.stdout) == {}
 
 
 # ---------------------------------------------------------------- the live gateway

@@ -12,17 +12,20 @@ The file's sections, in that order:
     read config          read_config: ipsec.conf's conns as starter resolves them
       libreswan          read_libreswan_config: as libreswan 4.x or 5.x resolves them
     query daemon         the Daemon interface and the DaemonState every backend returns
-      stroke             StrokeDaemon runs `ipsec statusall`, parse_statusall reads it;
-                         StatusFile replays a saved one (or a saved pluto answer)
+                         (tunnels, SAs, and the Certificates and Crls the daemon holds)
+      stroke             StrokeDaemon runs `ipsec statusall`, parse_statusall reads it, then
+                         `ipsec listall --utc`, parse_certificate_listing reads that;
+                         StatusFile replays a saved statusall (or a saved pluto answer)
       VICI               ViciDaemon asks charon's VICI socket, parse_vici reads the
-                         answers; the protocol itself: vici_decode, vici_encode,
-                         ViciConnection
+                         answers, vici_certificates the DER of list-certs (with the
+                         optional cryptography package); the protocol itself:
+                         vici_decode, vici_encode, ViciConnection
       pluto              PlutoDaemon runs `ipsec whack --status` and `--trafficstatus`
                          (libreswan), parse_pluto reads them
       auto               AutoDaemon: VICI when its socket answers, else pluto when its
                          socket answers and charon's stroke socket is absent, else stroke
     classify             classify: each tunnel's ipsec_status and figures
-    build metrics        metric_families, build_registry
+    build metrics        metric_families (certificate_families), build_registry
     write file           write_output: a checked, held directory, flock, write_to_textfile
     main                 parse_args, main
 """

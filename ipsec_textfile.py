@@ -12,17 +12,20 @@ The file's sections, in that order:
     read config          read_config: ipsec.conf's conns as starter resolves them
       libreswan          read_libreswan_config: as libreswan 4.x or 5.x resolves them
     query daemon         the Daemon interface and the DaemonState every backend returns
-      stroke             StrokeDaemon runs `ipsec statusall`, parse_statusall reads it;
-                         StatusFile replays a saved one (or a saved pluto answer)
+                         (tunnels, SAs, and the Certificates and Crls the daemon holds)
+      stroke             StrokeDaemon runs `ipsec statusall`, parse_statusall reads it, then
+                         `ipsec listall --utc`, parse_certificate_listing reads that;
+                         StatusFile replays a saved statusall (or a saved pluto answer)
       VICI               ViciDaemon asks charon's VICI socket, parse_vici reads the
-                         answers; the protocol itself: vici_decode, vici_encode,
-                         ViciConnection
+                         answers, vici_certificates the DER of list-certs (with the
+                         optional cryptography package); the protocol itself:
+                         vici_decode, vici_encode, ViciConnection
       pluto              PlutoDaemon runs `ipsec whack --status` and `--trafficstatus`
                          (libreswan), parse_pluto reads them
       auto               AutoDaemon: VICI when its socket answers, else pluto when its
                          socket answers and charon's stroke socket is absent, else stroke
     classify             classify: each tunnel's ipsec_status and figures
-    build metrics        metric_families, build_registry
+    build metrics        metric_families (certificate_families), build_registry
     write file           write_output: a checked, held directory, flock, write_to_textfile
     main                 parse_args, main
 """
@@ -30,6 +33,8 @@ The file's sections, in that order:
 from __future__ import annotations
 
 import argparse
+import calendar
+import dataclasses
 import errno
 import fcntl
 import glob
@@ -42,6 +47,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1031,6 +1037,38 @@ class TunnelConfig:
     ike_version: str  # as the daemon names it: IKEv1, IKEv2, IKEv1/2
 
 
+# A certificate's type label, from charon's own flag for it (VICI's flag, stroke's listing)
+# and whether it names itself as its issuer.
+CERTIFICATE_TYPES = {"NONE": "end-entity", "CA": "ca", "OCSP": "ocsp-signer", "AA": "attribute-authority"}
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """An X.509 certificate the daemon has loaded, its names as strongSwan prints them."""
+
+    subject: str
+    issuer: str
+    serial: str  # hex bytes, colon-separated: "8a:01"
+    type: str  # end-entity, ca (self-signed), intermediate (a CA issued by another), ocsp-signer, ...
+    not_before: float  # Unix time
+    not_after: float
+
+
+def certificate_type(flag: str, subject: str, issuer: str) -> str:
+    """The type label of a certificate charon flags NONE, CA, OCSP or AA."""
+    if flag == "CA" and subject != issuer:
+        return "intermediate"
+    return CERTIFICATE_TYPES.get(flag, flag.lower())
+
+
+@dataclass(frozen=True)
+class Crl:
+    """A certificate revocation list the daemon holds."""
+
+    issuer: str
+    next_update: float  # Unix time; past it, charon no longer trusts the list
+
+
 @dataclass(frozen=True)
 class DaemonState:
     """One snapshot of the daemon."""
@@ -1044,6 +1082,8 @@ class DaemonState:
     uptime: float | None = None  # seconds
     backend: str = ""
     counts_packets: bool = True  # pluto counts bytes only
+    certificates: list[Certificate] = field(default_factory=list)
+    crls: list[Crl] = field(default_factory=list)
 
 
 class Daemon(Protocol):
@@ -1156,23 +1196,94 @@ def _stroke_configs(text: str) -> dict[str, TunnelConfig]:
     return configs
 
 
+# `ipsec listall --utc`: a section per kind of credential, each certificate a block of
+# "  key:  value" lines. Times in UTC ("Dec 21 02:45:29 UTC 2026"): without --utc charon
+# prints its own local time, which the collector's zone need not share.
+_LISTING_SECTION = re.compile(r"^List of (.+?)s?:?$", re.MULTILINE)
+_LISTED_FLAGS = {"X.509 End Entity Certificate": "NONE", "X.509 CA Certificate": "CA",
+                 "X.509 OCSP Signer Certificate": "OCSP", "X.509 AA Certificate": "AA"}
+_LISTED_NAME = re.compile(r'^  (subject|issuer): +"(.*)"$', re.MULTILINE)  # names may hold quotes
+_LISTED_SERIAL = re.compile(r"^  serial: +([0-9a-f:]+)$", re.MULTILINE)
+_UTC_TIME = r"([A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) UTC (\d{4})"
+_LISTED_VALIDITY = re.compile(r"^  validity: +not before " + _UTC_TIME + r",[^\n]*\n +not after +" + _UTC_TIME,
+                              re.MULTILINE)
+_LISTED_NEXT_UPDATE = re.compile(r"^ +next on " + _UTC_TIME, re.MULTILINE)
+
+
+def _utc_time(match: re.Match[str], first: int) -> float:
+    return float(calendar.timegm(time.strptime(f"{match.group(first)} {match.group(first + 1)}",
+                                               "%b %d %H:%M:%S %Y")))
+
+
+def parse_certificate_listing(text: str) -> tuple[list[Certificate], list[Crl]]:
+    """The X.509 certificates and CRLs in `ipsec listall --utc` output; an entry without a
+    subject, issuer, serial or both validity times (in UTC) is left out with a warning."""
+    certificates: list[Certificate] = []
+    crls: list[Crl] = []
+    left_out: list[str] = []
+    sections = list(_LISTING_SECTION.finditer(text))
+    for section, following in zip(sections, [*sections[1:], None]):
+        kind = section.group(1)
+        if kind not in _LISTED_FLAGS and kind != "X.509 CRL":
+            continue
+        body = text[section.end() : following.start() if following else len(text)]
+        # Every entry opens with its first name line: subject (certificates), issuer (CRLs).
+        opener = "  issuer:" if kind == "X.509 CRL" else "  subject:"
+        for entry in body.split("\n" + opener)[1:]:
+            entry = opener + entry
+            names = dict(_LISTED_NAME.findall(entry))
+            if kind == "X.509 CRL":
+                next_update = _LISTED_NEXT_UPDATE.search(entry)
+                if "issuer" in names and next_update:
+                    crls.append(Crl(names["issuer"], _utc_time(next_update, 1)))
+                    continue
+            else:
+                serial, validity = _LISTED_SERIAL.search(entry), _LISTED_VALIDITY.search(entry)
+                if "subject" in names and "issuer" in names and serial and validity:
+                    certificates.append(Certificate(
+                        names["subject"], names["issuer"], serial.group(1),
+                        certificate_type(_LISTED_FLAGS[kind], names["subject"], names["issuer"]),
+                        _utc_time(validity, 1), _utc_time(validity, 3)))
+                    continue
+            left_out.append(f"{kind} {entry.splitlines()[0].strip()}")
+    if left_out:
+        warn(f"{len(left_out)} entries of `ipsec listall --utc` lack a name, a serial or a time in UTC and are "
+             f"left out; the first: {left_out[0]}")
+    return certificates, crls
+
+
 @dataclass(frozen=True)
 class StrokeDaemon:
-    """charon through the `ipsec` command (stroke): one `ipsec statusall` per run."""
+    """charon through the `ipsec` command (stroke): `ipsec statusall`, then `ipsec listall
+    --utc` for the certificates, both within one timeout."""
 
     ipsec: str = "ipsec"
     timeout: float = 10.0
 
     def query(self) -> DaemonState:
+        deadline = time.monotonic() + self.timeout
         command = [self.ipsec, "statusall"]
         stdout, stderr, code = run_command(command, self.timeout)
         # The wrapper's exit status says whether starter runs, not whether the
         # query worked: the output decides.
         try:
-            return parse_statusall(stdout)
+            state = parse_statusall(stdout)
         except DaemonError as e:
             said = (stderr.strip().splitlines() or [str(e)])[-1]
             raise DaemonError(f"`{' '.join(command)}` gave no usable daemon status (exit {code}): {said}") from None
+        try:
+            listing, _, _ = run_command([self.ipsec, "listall", "--utc"], max(0.001, deadline - time.monotonic()))
+        except CommandTimeout:
+            warn(certificates_late(self.timeout))
+            return state
+        certificates, crls = parse_certificate_listing(listing)
+        return dataclasses.replace(state, certificates=certificates, crls=crls)
+
+
+def certificates_late(timeout: float) -> str:
+    """The tunnels came in time, the certificates did not (charon lists thousands slowly)."""
+    return (f"the daemon did not list its certificates within {timeout:g}s (with the tunnels): the tunnels "
+            "are written, no certificate series this run; a longer --timeout gives it time")
 
 
 @dataclass(frozen=True)
@@ -1247,8 +1358,107 @@ def parse_vici(answer: dict[str, Any]) -> DaemonState:
                                                       ",".join(c.get("remote-ts", [])), conn.get("version", "")))
     routed = {p["child"] for event in answer["list-policies"] for p in event.values()
               if p.get("mode") not in _VICI_SHUNT_MODES}
+    certificates, crls = vici_certificates(answer["list-certs"])
     return DaemonState(ike, child, routed, loaded, configs, version=answer["version"].get("version", ""),
-                       uptime=_uptime(answer["stats"].get("uptime", {}).get("since", "")), backend="vici")
+                       uptime=_uptime(answer["stats"].get("uptime", {}).get("since", "")), backend="vici",
+                       certificates=certificates, crls=crls)
+
+
+# The names strongSwan prints for the attributes of a distinguished name (its oid.txt).
+_DN_ATTRIBUTES = {
+    "2.5.4.3": "CN", "2.5.4.4": "SN", "2.5.4.5": "serialNumber", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
+    "2.5.4.9": "STREET", "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.12": "T", "2.5.4.13": "D",
+    "2.5.4.16": "postalAddress", "2.5.4.17": "postalCode", "2.5.4.41": "N", "2.5.4.42": "G", "2.5.4.43": "I",
+    "2.5.4.45": "ID", "2.5.4.46": "dnQualifier", "2.5.4.54": "dmdName", "2.5.4.65": "pseudonym", "2.5.4.72": "role",
+    "1.2.840.113549.1.9.1": "E", "1.2.840.113549.1.9.2": "unstructuredName",
+    "1.2.840.113549.1.9.8": "unstructuredAddress", "0.9.2342.19200300.100.1.1": "UID",
+    "0.9.2342.19200300.100.1.25": "DC", "0.2.262.1.10.7.20": "ND", "2.23.133.2.3": "TCGID",
+}
+_UNPRINTABLE = re.compile(rb"[^\x20-\x7e]")
+
+
+def strongswan_dn(name: Any) -> str:
+    """A cryptography x509.Name as strongSwan prints it (stroke, swanctl): "C=CH, O=Org, CN=gw",
+    each byte outside printable ASCII a '?' (other attributes by their dotted OID)."""
+    parts = []
+    for attribute in name:
+        value = attribute.value
+        raw = value if isinstance(value, bytes) else value.encode("utf-8", "replace")
+        oid = attribute.oid.dotted_string
+        parts.append(f"{_DN_ATTRIBUTES.get(oid, oid)}={_UNPRINTABLE.sub(b'?', raw).decode('ascii')}")
+    return ", ".join(parts)
+
+
+def _serial(number: int) -> str:
+    """A serial number as strongSwan prints it: its bytes in hex, colon-separated."""
+    raw = number.to_bytes(max(1, (number.bit_length() + 7) // 8), "big", signed=False)
+    return ":".join(f"{byte:02x}" for byte in raw)
+
+
+def _datetime(item: Any, name: str) -> Any:
+    """cryptography's datetime attribute NAME: NAME_utc (aware) from cryptography 42 on, which
+    deprecates NAME (naive, in UTC)."""
+    return getattr(item, f"{name}_utc") if hasattr(item, f"{name}_utc") else getattr(item, name)
+
+
+def _unix_time(moment: Any) -> float:
+    return float(calendar.timegm(moment.utctimetuple()))
+
+
+def _still_known(x509: Any, der: bytes, backend: Any) -> str:
+    """What can still be told of a certificate whose names the library refuses."""
+    try:
+        cert = x509.load_der_x509_certificate(der, backend)
+        expiry = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(_unix_time(_datetime(cert, "not_valid_after"))))
+        return f" with serial {_serial(cert.serial_number)}, not after {expiry} UTC"
+    except Exception:  # noqa: BLE001 (no more to tell)
+        return ""
+
+
+def vici_certificates(events: list[ViciMessage]) -> tuple[list[Certificate], list[Crl]]:
+    """The X.509 certificates and CRLs in list-certs' events, their DER read by the
+    cryptography package; without it, none (with a warning). An entry it cannot read is left
+    out with a warning."""
+    wanted = [e for e in events if e.get("type") in ("X509", "X509_CRL")]
+    if not wanted:
+        return [], []
+    try:
+        # Not a line per run in the log for a library's own notices (cryptography 47 warns on
+        # import under Python 3.8).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from cryptography import x509
+            from cryptography.hazmat.backends import default_backend
+    except ImportError:
+        warn(f"the daemon holds {len(wanted)} certificates and CRLs, but without the Python package "
+             "cryptography (Debian: python3-cryptography) they cannot be read: no certificate series")
+        return [], []
+    certificates: list[Certificate] = []
+    crls: list[Crl] = []
+    unreadable: list[str] = []
+    for number, event in enumerate(wanted, 1):
+        # list-certs was decoded with surrogateescape: encoding back gives the DER bytes.
+        der = event.get("data", "").encode("utf-8", "surrogateescape")
+        try:
+            if event["type"] == "X509_CRL":
+                crl = x509.load_der_x509_crl(der, default_backend())  # required before cryptography 3.1
+                next_update = _datetime(crl, "next_update")
+                if next_update is not None:  # a CRL without a next update never goes stale
+                    crls.append(Crl(strongswan_dn(crl.issuer), _unix_time(next_update)))
+                continue
+            cert = x509.load_der_x509_certificate(der, default_backend())
+            subject, issuer = strongswan_dn(cert.subject), strongswan_dn(cert.issuer)
+            certificates.append(Certificate(
+                subject, issuer, _serial(cert.serial_number),
+                certificate_type(event.get("flag", "NONE"), subject, issuer),
+                _unix_time(_datetime(cert, "not_valid_before")), _unix_time(_datetime(cert, "not_valid_after"))))
+        except Exception as e:  # noqa: BLE001 (whatever the library raises for one entry, the rest is written)
+            what = "CRL" if event["type"] == "X509_CRL" else f"certificate{_still_known(x509, der, default_backend())}"
+            unreadable.append(f"{what}, number {number} of the list ({type(e).__name__}: {e})")
+    if unreadable:
+        warn(f"{len(unreadable)} of the {len(wanted)} certificates and CRLs the daemon listed cannot be read "
+             f"and are left out; the first: {unreadable[0]}")
+    return certificates, crls
 
 
 # charon's VICI protocol (its plugins/vici/README.md), spoken with the standard library:
@@ -1271,8 +1481,10 @@ class ViciError(DaemonError):
 ViciMessage = Dict[str, Any]  # str values, ViciMessage sections, lists of str
 
 
-def vici_decode(data: bytes) -> ViciMessage:
-    """One VICI message (the packet after its type and name) as dicts, lists and str."""
+def vici_decode(data: bytes, errors: str = "replace") -> ViciMessage:
+    """One VICI message (the packet after its type and name) as dicts, lists and str; bytes
+    that are not UTF-8 decoded by the codec error handler errors (surrogateescape keeps binary
+    values, such as list-certs' DER, recoverable)."""
     root: ViciMessage = {}
     stack = [root]  # the open sections, innermost last
     section = root
@@ -1288,13 +1500,13 @@ def vici_decode(data: bytes) -> ViciMessage:
                 if value_end > end:
                     raise IndexError
                 section[data[pos + 2 : name_end].decode("utf-8", "replace")] = \
-                    data[name_end + 2 : value_end].decode("utf-8", "replace")
+                    data[name_end + 2 : value_end].decode("utf-8", errors)
                 pos = value_end
             elif kind == _VICI_LIST_ITEM and items is not None:
                 value_end = pos + 3 + (data[pos + 1] << 8 | data[pos + 2])
                 if value_end > end:
                     raise IndexError
-                items.append(data[pos + 3 : value_end].decode("utf-8", "replace"))
+                items.append(data[pos + 3 : value_end].decode("utf-8", errors))
                 pos = value_end
             elif kind in (_VICI_SECTION_START, _VICI_LIST_START) and items is None:
                 name_end = pos + 2 + data[pos + 1]
@@ -1418,9 +1630,9 @@ class ViciConnection:
         self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
         self.sock.sendall(vici_packet(kind, name, message))
 
-    def decode(self, body: bytes) -> ViciMessage:
+    def decode(self, body: bytes, errors: str = "replace") -> ViciMessage:
         try:
-            return vici_decode(body)
+            return vici_decode(body, errors)
         except ViciError as e:
             raise ViciError(f"VICI at {self.where} sent a malformed message: {e}") from None
 
@@ -1436,8 +1648,10 @@ class ViciConnection:
             raise ViciError(f"VICI at {self.where} answered {command} with a packet of type {kind}")
         return self.decode(body)
 
-    def stream(self, command: str, event: str, message: ViciMessage | None = None) -> list[ViciMessage]:
-        """A command that answers with one event per item (list-sas: one per IKE SA)."""
+    def stream(self, command: str, event: str, message: ViciMessage | None = None,
+               errors: str = "replace") -> list[ViciMessage]:
+        """A command that answers with one event per item (list-sas: one per IKE SA); errors
+        as in vici_decode."""
         self._confirm(_VICI_EVENT_REGISTER, event)
         self.send(_VICI_CMD_REQUEST, command, message)
         events = []
@@ -1447,7 +1661,7 @@ class ViciConnection:
                 break
             if packet[1] != event:
                 raise ViciError(f"VICI at {self.where} sent event {packet[1]} during {command}")
-            events.append(self.decode(packet[2]))
+            events.append(self.decode(packet[2], errors))
         self._response(command, packet)
         self._confirm(_VICI_EVENT_UNREGISTER, event)
         return events
@@ -1489,7 +1703,7 @@ class ViciDaemon:
                 raise ViciUnreachable(f"cannot connect to VICI at {self.socket_path}: "
                                       f"{e.strerror or e}") from None
             vici = ViciConnection(sock, self.socket_path, deadline)
-            return {
+            answer: dict[str, Any] = {
                 "version": vici.request("version"),
                 "stats": vici.request("stats"),
                 "list-sas": vici.stream("list-sas", "list-sa"),
@@ -1498,6 +1712,14 @@ class ViciDaemon:
                                              {"trap": "yes", "pass": "yes", "drop": "yes"}),
                 "list-conns": vici.stream("list-conns", "list-conn"),
             }
+            try:
+                # DER in "data": decoded so that it can be encoded back to the same bytes
+                answer["list-certs"] = vici.stream("list-certs", "list-cert", {"type": "ANY"},
+                                                   errors="surrogateescape")
+            except socket.timeout:
+                answer["list-certs"] = []
+                warn(certificates_late(self.timeout))
+            return answer
         except socket.timeout:
             raise DaemonError(f"VICI at {self.socket_path} did not answer within {self.timeout:g}s") from None
         except OSError as e:
@@ -1860,6 +2082,7 @@ def metric_families(result: RunResult) -> list[Metric]:
         for state in IKE_SA_STATES:
             by_state.add_metric([state], sum(sa.state == state for sa in daemon.ike_sas))
         families.append(by_state)
+        families.extend(certificate_families(daemon))
     return [
         *families,
         GaugeMetricFamily("ipsec_textfile_success", "1 when this collector's last run succeeded, else 0.",
@@ -1870,6 +2093,40 @@ def metric_families(result: RunResult) -> list[Metric]:
         GaugeMetricFamily("ipsec_textfile_duration_seconds", "How long this collector's last run took.",
                           value=result.duration),
     ]
+
+
+CERTIFICATE_LABELS = ["subject", "issuer", "serial", "type"]
+
+
+def certificate_families(daemon: DaemonState) -> list[Metric]:
+    """The validity of every certificate the daemon has loaded, and when each CRL it holds
+    is due for renewal; one series per certificate (a certificate listed twice counts once)
+    and per CRL issuer (the latest next update, the CRL charon uses)."""
+    not_before = GaugeMetricFamily(
+        "ipsec_certificate_not_before_timestamp_seconds",
+        "When the certificate becomes valid (notBefore), in seconds since the epoch.", labels=CERTIFICATE_LABELS)
+    not_after = GaugeMetricFamily(
+        "ipsec_certificate_not_after_timestamp_seconds",
+        "When the certificate expires (notAfter), in seconds since the epoch: every X.509 certificate the "
+        "daemon has loaded; type end-entity, ca (self-signed CA), intermediate (CA issued by another CA), "
+        "ocsp-signer or attribute-authority.", labels=CERTIFICATE_LABELS)
+    seen = set()
+    for cert in daemon.certificates:
+        labels = [cert.subject, cert.issuer, cert.serial, cert.type]
+        if tuple(labels) not in seen:
+            seen.add(tuple(labels))
+            not_before.add_metric(labels, cert.not_before)
+            not_after.add_metric(labels, cert.not_after)
+    next_update: dict[str, float] = {}
+    for crl in daemon.crls:
+        next_update[crl.issuer] = max(crl.next_update, next_update.get(crl.issuer, crl.next_update))
+    crls = GaugeMetricFamily(
+        "ipsec_crl_next_update_timestamp_seconds",
+        "When the issuer's CRL that the daemon holds is due to be replaced (nextUpdate), in seconds since the "
+        "epoch; past it, certificates of that issuer may fail to verify.", labels=["issuer"])
+    for issuer, moment in next_update.items():
+        crls.add_metric([issuer], moment)
+    return [not_before, not_after, crls]
 
 
 @dataclass(frozen=True, eq=False)  # registries hash their collectors

@@ -77,6 +77,7 @@ class Host:
     address: str
     workdir: Path
     process: subprocess.Popen[bytes] | None = None
+    environment: dict[str, str] = field(default_factory=dict)  # for starter and charon (TZ)
 
     @property
     def log(self) -> Path:
@@ -116,6 +117,7 @@ class Host:
             ["ip", "netns", "exec", self.netns,
              "unshare", "-m", "--propagation", "private", "sh", "-c", script],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, **self.environment},
         )
         wait_for(lambda: self._socket_ready(), 15, f"charon in {self.netns} to start")
         self.ipsec_wrapper.write_text(

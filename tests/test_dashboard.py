@@ -8,13 +8,19 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
 
+import ipsec_textfile as it
 import lab
 import prometheus_server
-from conftest import ROOT, run_collector
+from conftest import FIXTURES, ROOT, run_collector
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 DASHBOARD = json.loads((ROOT / "dashboards" / "ipsec-textfile.json").read_text())
 # Every query goes to the data source picked in the `datasource` variable.
@@ -224,6 +230,23 @@ class Grafana:
         return found
 
 
+def captured_certificates() -> tuple[list[it.Certificate], list[it.Crl]]:
+    return it.parse_certificate_listing((FIXTURES / "certificates" / "listall.txt").read_text())
+
+
+def certificate_exposition() -> str:
+    certificates, crls = captured_certificates()
+    state = it.DaemonState([], [], certificates=certificates, crls=crls)
+
+    class Certificates:
+        def collect(self) -> list[Metric]:
+            return it.certificate_families(state)
+
+    registry = CollectorRegistry()
+    registry.register(cast("Collector", Certificates()))
+    return generate_latest(registry).decode()
+
+
 def enough_samples(server: prometheus_server.Prometheus) -> bool:
     # Two rate windows' worth of scrapes: rate() over $__rate_interval then has points to use.
     answer = server.api("query", {"query": "count_over_time(ipsec_textfile_success[1m])"})
@@ -239,6 +262,9 @@ def grafana(states_lab: lab.Lab, tmp_path_factory: pytest.TempPathFactory) -> It
     with prometheus_server.monitoring(tmp_path_factory.mktemp("dashboard")) as (textfile_dir, server):
         proc = run_collector("--output", str(textfile_dir / "ipsec.prom"), prefix=states_lab.gateway.nsenter())
         assert (proc.returncode, proc.stderr) == (0, "")
+        # The states lab authenticates with PSK: the certificates come from the certificate
+        # lab's captured answer, written by the collector's own code beside the file.
+        (textfile_dir / "certificates.prom").write_text(certificate_exposition())
         lab.wait_for(lambda: enough_samples(server), 60, "Prometheus to scrape the file several times")
         view = Grafana(server, {})
         for name, variable in variables().items():
@@ -304,3 +330,18 @@ def test_fleet_figures_are_the_labs(grafana: Grafana) -> None:
         [series] = grafana.instant(substitute(target["expr"], grafana.values))["data"]["result"]
         found[title] = int(series["value"][1])
     assert found == expected
+
+
+def test_certificate_tables_show_days_left_soonest_first(grafana: Grafana) -> None:
+    certificates, crls = captured_certificates()
+    for title, items, when, name in (
+            ("Certificates by days left", certificates, "not_after", "days left"),
+            ("CRLs by days to next update", crls, "next_update", "days to next update")):
+        panel = panel_titled(title)
+        assert panel["options"]["sortBy"] == [{"displayName": name, "desc": False}]
+        [target] = panel["targets"]
+        asked = time.time()
+        answer = grafana.instant(substitute(target["expr"], grafana.values))
+        rows = sorted(float(series["value"][1]) for series in answer["data"]["result"])
+        expected = sorted((getattr(item, when) - asked) / 86400 for item in items)
+        assert rows == pytest.approx(expected, abs=60 / 86400), title

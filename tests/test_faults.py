@@ -414,5 +414,5 @@ def test_config_contents_never_reach_a_command_line(tmp_path: Path) -> None:
     wrapper = executable(tmp_path / "ipsec", f'#!/bin/sh\nprintf "%s\\n" "$@" >> {argv_log}\ncat {STATES_STATUSALL}\n')
     proc = run_collector("--config", str(conf), "--ipsec", str(wrapper), "--output", "-")
     assert proc.returncode == 0
-    assert argv_log.read_text() == "statusall\n"
+    assert argv_log.read_text() == "statusall\nlistall\n--utc\n"
     assert not marker.exists()

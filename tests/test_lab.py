@@ -148,7 +148,7 @@ def test_the_daemon_is_asked_once_per_run(states_lab: lab.Lab, tmp_path: Path) -
     proc = collect_on_gateway(states_lab, tmp_path / "ipsec.prom", "--backend", "stroke",
                               "--ipsec", str(counting))
     assert proc.returncode == 0
-    assert calls.read_text() == "statusall\n"
+    assert calls.read_text() == "statusall\nlistall --utc\n"  # the tunnels, then the certificates
 
 
 def test_the_daemon_is_asked_over_one_vici_connection_per_run(states_lab: lab.Lab, tmp_path: Path) -> None:

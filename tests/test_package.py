@@ -99,7 +99,7 @@ def test_the_package_holds_what_readme_says(host_build: HostBuild) -> None:
     assert deb_field(deb, "Package") == PACKAGE
     assert deb_field(deb, "Architecture") == "all"
     assert deb_field(deb, "Depends") == "python3 (>= 3.8), python3-prometheus-client (>= 0.7.1)"
-    assert deb_field(deb, "Recommends") == "prometheus-node-exporter"
+    assert deb_field(deb, "Recommends") == "prometheus-node-exporter, python3-cryptography"
     assert set(deb_field(deb, "Enhances").split(", ")) == {"strongswan-starter", "strongswan-charon",
                                                            "charon-systemd", "libreswan"}
     tree = host_build.deb.parent / "tree"

@@ -33,6 +33,7 @@ import argparse
 import errno
 import fcntl
 import glob
+import ipaddress
 import os
 import re
 import shutil
@@ -1703,6 +1704,7 @@ class TunnelDetail:
     installed_child_sas: int
     ike: IkeSA | None  # its newest ESTABLISHED IKE SA, if any
     config: TunnelConfig | None = None  # what the daemon has loaded for it
+    clients: int = 0  # ESTABLISHED IKE SAs carrying it
 
 
 @dataclass(frozen=True)
@@ -1712,6 +1714,33 @@ class TunnelStatus:
     routed: bool = False  # a trap policy (auto=route) is installed
     # The rest only when the daemon answered and the tunnel is not ignored.
     detail: TunnelDetail | None = None
+
+
+_ANY_PEER = {"", "%any", "%any4", "%any6"}  # "": swanctl.conf's remote_addrs left unset
+
+
+def serves_many(remote: str) -> bool:
+    """Whether a tunnel's configured remote (TunnelConfig.remote) admits more than one peer:
+    %any, a subnet, a range or several addresses. Such a tunnel is a remote-access one,
+    idle when nobody is connected rather than down."""
+    peers = remote.split(",")
+    if len(peers) > 1:
+        return True
+    peer = peers[0].strip()
+    return peer in _ANY_PEER or "/" in peer or _is_address_range(peer)
+
+
+def _is_address_range(peer: str) -> bool:
+    """"10.0.0.1-10.0.0.9"; a host name may hold a "-" too."""
+    first, dash, last = peer.partition("-")
+    if not dash:
+        return False
+    try:
+        ipaddress.ip_address(first)
+        ipaddress.ip_address(last)
+    except ValueError:
+        return False
+    return True
 
 
 def all_tunnels(configured: Sequence[Tunnel], loaded: Sequence[Tunnel]) -> list[Tunnel]:
@@ -1757,7 +1786,9 @@ def classify(tunnels: Sequence[Tunnel], state: DaemonState) -> list[TunnelStatus
         established = [sa for sa in carriers if sa.state == "ESTABLISHED"]
         newest = min(established, key=lambda sa: sa.age if sa.age is not None else 0.0, default=None)
         traffic = sum((c.traffic for c in own_children), Traffic() if state.counts_packets else NO_PACKETS)
-        detail = TunnelDetail(traffic, len(installed), newest, state.configs.get(tunnel.name))
+        carrying = {c.ike_uid for c in own_children} | {sa.uid for sa in named_ike}
+        clients = sum(ike_by_uid[uid].state == "ESTABLISHED" for uid in carrying if uid in ike_by_uid)
+        detail = TunnelDetail(traffic, len(installed), newest, state.configs.get(tunnel.name), clients)
         results.append(TunnelStatus(tunnel.name, status, routed, detail))
     return results
 
@@ -1816,6 +1847,13 @@ def metric_families(result: RunResult) -> list[Metric]:
     ike_rekey = GaugeMetricFamily("ipsec_ike_next_rekey_seconds",
                                   "Seconds until the tunnel's IKE SA is rekeyed or reauthenticated, "
                                   "whichever comes first.", labels=TUNNEL)
+    remote_access = GaugeMetricFamily("ipsec_tunnel_remote_access",
+                                      "1 when the tunnel's configured remote admits many peers (%any, a "
+                                      "subnet, a range, several addresses): a remote-access tunnel, idle "
+                                      "rather than down without clients; 0 for one fixed peer.", labels=TUNNEL)
+    clients = GaugeMetricFamily("ipsec_tunnel_clients",
+                                "ESTABLISHED IKE SAs carrying the tunnel: 0 or 1 for a site-to-site tunnel, "
+                                "one per connected client of a remote-access one.", labels=TUNNEL)
     info = InfoMetricFamily("ipsec_tunnel", "Where the tunnel goes and what it carries, as the daemon has it "
                                             "loaded: IKE config, addresses, traffic selectors, IKE version.",
                             labels=TUNNEL)
@@ -1832,6 +1870,7 @@ def metric_families(result: RunResult) -> list[Metric]:
             continue
         routed.add_metric(label, int(tunnel.routed))
         child_sas.add_metric(label, detail.installed_child_sas)
+        clients.add_metric(label, detail.clients)
         ike_up.add_metric(label, int(detail.ike is not None))
         if detail.ike is not None and detail.ike.age is not None:
             ike_age.add_metric(label, detail.ike.age)
@@ -1846,7 +1885,8 @@ def metric_families(result: RunResult) -> list[Metric]:
             info.add_metric(label, {"ike": config.ike, "local": config.local, "remote": config.remote,
                                     "local_ts": config.local_ts, "remote_ts": config.remote_ts,
                                     "ike_version": config.ike_version})
-    families = [status, info, routed, child_sas, ike_up, ike_age, ike_rekey, *(c for c, _ in counters)]
+            remote_access.add_metric(label, int(serves_many(config.remote)))
+    families = [status, info, remote_access, clients, routed, child_sas, ike_up, ike_age, ike_rekey, *(c for c, _ in counters)]
 
     daemon = result.daemon
     if daemon is not None:

@@ -7,6 +7,9 @@ The gateway (10.99.0.1) authenticates itself with an RSA certificate made with
     rw-eap     IKEv2, clients authenticated by EAP-MSCHAPv2   pool 10.98.0.0/24
     rw-xauth   IKEv1, PSK + XAuth                             pool 10.97.0.0/24
     rw-cert    IKEv2, client certificates from the lab's CA   pool 10.96.0.0/24
+    rw-swan    IKEv2 EAP-MSCHAPv2 again, but from swanctl.conf (loaded over VICI) with its
+               pool swan-pool (10.95.0.0/26): VICI's get-pools lists only such pools,
+               stroke only ipsec.conf's
 
 One client charon (10.99.0.2) runs every client: one conn per client, each with its
 own IKE identity (and EAP or XAuth user), `leftsourceip=%config`, so every client is
@@ -28,6 +31,7 @@ import lab
 
 GATEWAY_ID = "vpn.lab"
 EAP_POOL, XAUTH_POOL, CERT_POOL = "10.98.0.0/24", "10.97.0.0/24", "10.96.0.0/24"
+SWAN_POOL = "swan-pool"
 GATEWAY_NET = "10.77.0.0/24"  # what the clients reach through the gateway
 GATEWAY_ADDRESS = "10.77.0.1"
 PASSWORD = "ipsec-textfile-lab-password"
@@ -73,6 +77,29 @@ conn rw-cert
     rightsourceip={CERT_POOL}
 """
 
+SWANCTL_CONF = f"""\
+# swanctl.conf of the remote-access lab gateway, loaded with swanctl --load-all --file
+connections {{
+    rw-swan {{
+        local_addrs = 10.99.0.1
+        pools = {SWAN_POOL}
+        local {{ auth = pubkey
+                id = {GATEWAY_ID} }}
+        remote {{ auth = eap-mschapv2
+                 eap_id = %any
+                 id = *@swan.lab }}
+        children {{
+            # kernel-libipsec has no AES-GCM, swanctl's first default
+            rw-swan {{ local_ts = {GATEWAY_NET}
+                      esp_proposals = aes128-sha256 }}
+        }}
+    }}
+}}
+pools {{
+    {SWAN_POOL} {{ addrs = 10.95.0.0/26 }}
+}}
+"""
+
 CLIENT_DEFAULT = f"""\
 config setup
     uniqueids = no
@@ -90,6 +117,11 @@ conn %default
 def eap_client(i: int, user: str) -> str:
     return (f"conn eap-{i}\n    keyexchange=ikev2\n    leftid=client{i}@eap.lab\n    leftauth=eap\n"
             f"    eap_identity={user}\n    rightauth=pubkey\n")
+
+
+def swan_client(i: int) -> str:
+    return (f"conn swan-{i}\n    keyexchange=ikev2\n    leftid=client{i}@swan.lab\n    leftauth=eap\n"
+            f"    eap_identity=suser{i}\n    rightauth=pubkey\n")
 
 
 def xauth_client(i: int) -> str:
@@ -149,6 +181,9 @@ def install_credentials(host: lab.Host, ca_dir: Path, certs: list[str], secrets:
     path.chmod(0o600)
 
 
+KINDS = ("eap", "xauth", "cert", "swan")  # the client charon's conns: KIND-N
+
+
 @dataclass
 class RaLab:
     lab: lab.Lab
@@ -164,6 +199,10 @@ class RaLab:
 
     def destroy(self) -> None:
         self.lab.destroy()
+
+    def conns(self) -> list[str]:
+        """Every client's conn on the client charon, but the second session eap-twice."""
+        return [f"{kind}-{i}" for i in range(self.clients) for kind in KINDS]
 
     def wait_established(self, count: int, timeout: float = 120) -> str:
         """The gateway's statusall once it lists count ESTABLISHED IKE SAs, each with its CHILD SA."""
@@ -205,7 +244,8 @@ class RaLab:
 
 
 def start_ra_lab(workdir: Path, clients: int = 20) -> RaLab:
-    """The gateway and `clients` clients of each kind, plus a second session of user0, all up."""
+    """The gateway and `clients` clients of each kind, plus eap-twice (a second session of
+    EAP user user0 under another IKE identity), all up."""
     ra = RaLab(lab.Lab(workdir), clients)
     ra.lab.create_network()
     try:
@@ -214,18 +254,21 @@ def start_ra_lab(workdir: Path, clients: int = 20) -> RaLab:
         make_certificates(workdir / "ca", subjects)
         options = "dos_protection = no\n  retransmit_timeout = 2\n  retransmit_tries = 3"
         ra.gateway.write_config(GATEWAY_CONF, [f"{GATEWAY_ADDRESS}/32"], charon_options=options)
-        users = "".join(f'user{i} : EAP "{PASSWORD}"\nxuser{i} : XAUTH "{PASSWORD}"\n' for i in range(clients))
+        users = "".join(f'user{i} : EAP "{PASSWORD}"\nsuser{i} : EAP "{PASSWORD}"\n'
+                        f'xuser{i} : XAUTH "{PASSWORD}"\n' for i in range(clients))
         install_credentials(ra.gateway, workdir / "ca", ["gw"], users)
         conf = CLIENT_DEFAULT + "".join(
-            eap_client(i, f"user{i}") + xauth_client(i) + cert_client(i) for i in range(clients))
+            eap_client(i, f"user{i}") + xauth_client(i) + cert_client(i) + swan_client(i) for i in range(clients))
         conf += eap_client(clients, "user0").replace(f"eap-{clients}", "eap-twice")
         ra.client.write_config(conf, [], charon_options=options)
         install_credentials(ra.client, workdir / "ca", [f"cert{i}" for i in range(clients)], users)
+        (ra.gateway.workdir / "swanctl.conf").write_text(SWANCTL_CONF)
         ra.gateway.start()
+        lab.run([*ra.gateway.nsenter(), "swanctl", "--load-all", "--noprompt",
+                 "--file", str(ra.gateway.workdir / "swanctl.conf")], timeout=30)
         ra.client.start()
-        conns = [f"{kind}-{i}" for i in range(clients) for kind in ("eap", "xauth", "cert")]
-        ra.up(*conns, "eap-twice")
-        ra.wait_established(3 * clients + 1)
+        ra.up(*ra.conns(), "eap-twice")
+        ra.wait_established(len(KINDS) * clients + 1)
     except BaseException:
         ra.destroy()
         raise

@@ -183,6 +183,19 @@ def install_credentials(host: lab.Host, ca_dir: Path, certs: list[str], secrets:
 
 KINDS = ("eap", "xauth", "cert", "swan")  # the client charon's conns: KIND-N
 
+# Clients that pick hostile user names: (conn, "eap" or "xauth", the name in swanctl.conf's
+# syntax, where "fqdn:#HEX" is any bytes). The 10 kB XAuth user needs IKEv1: charon's
+# EAP-MSCHAPv2 refuses names that long.
+HOSTILE_CLIENTS = [
+    ("h-quote", "eap", 'q"uote"'),
+    ("h-backslash", "eap", "back\\slash\\"),
+    ("h-newline", "eap", "fqdn:#" + b"new\nline\r\x1b[31m".hex()),
+    ("h-bytes", "eap", "fqdn:#" + b"bad\xff\xfe\xc3bytes".hex()),
+    ("h-forged", "eap", "x[99]: ESTABLISHED 1 second ago, 10.99.0.1[a]...10.99.0.9[b]"),
+    ("h-long", "xauth", "L" * 10240),
+    ("h-long-too", "xauth", "L" * 10239 + "M"),
+]
+
 
 @dataclass
 class RaLab:
@@ -218,6 +231,25 @@ class RaLab:
     def down(self, *conns: str) -> None:
         for conn in conns:
             self.client.ipsec("down", conn, timeout=60)
+
+    def connect_hostile(self) -> None:
+        """Bring up HOSTILE_CLIENTS, loaded into the client charon over VICI."""
+        conf = "connections {\n"
+        for conn, kind, name in HOSTILE_CLIENTS:
+            quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            auth = (f"local {{ auth = eap\n id = {conn}@eap.lab\n eap_id = {quoted} }}" if kind == "eap" else
+                    f"version = 1\n local-1 {{ auth = psk\n id = {conn}@xauth.lab }}\n"
+                    f"local-2 {{ auth = xauth\n xauth_id = {quoted} }}")
+            remote = "pubkey" if kind == "eap" else "psk"
+            conf += (f"{conn} {{\n local_addrs = 10.99.0.2\n remote_addrs = 10.99.0.1\n vips = 0.0.0.0\n {auth}\n"
+                     f" remote {{ auth = {remote}\n id = {GATEWAY_ID} }}\n"
+                     f" children {{ {conn} {{ remote_ts = {GATEWAY_NET}\n esp_proposals = aes128-sha256 }} }}\n}}\n")
+        path = self.client.workdir / "hostile.conf"
+        path.write_text(conf + "}\n")
+        lab.run([*self.client.nsenter(), "swanctl", "--load-conns", "--file", str(path)], timeout=30)
+        for conn, _, _ in HOSTILE_CLIENTS:
+            lab.run([*self.client.nsenter(), "swanctl", "--initiate", "--child", conn, "--timeout", "20"],
+                    timeout=60)
 
     def send_from(self, conn: str, count: int, size: int) -> str:
         """count UDP datagrams of size bytes from conn's virtual IP to an echo server on the
@@ -256,6 +288,8 @@ def start_ra_lab(workdir: Path, clients: int = 20) -> RaLab:
         ra.gateway.write_config(GATEWAY_CONF, [f"{GATEWAY_ADDRESS}/32"], charon_options=options)
         users = "".join(f'user{i} : EAP "{PASSWORD}"\nsuser{i} : EAP "{PASSWORD}"\n'
                         f'xuser{i} : XAUTH "{PASSWORD}"\n' for i in range(clients))
+        # Any other user name too: the hostile clients (connect_hostile) pick theirs.
+        users += f': EAP "{PASSWORD}"\n: XAUTH "{PASSWORD}"\n'
         install_credentials(ra.gateway, workdir / "ca", ["gw"], users)
         conf = CLIENT_DEFAULT + "".join(
             eap_client(i, f"user{i}") + xauth_client(i) + cert_client(i) + swan_client(i) for i in range(clients))

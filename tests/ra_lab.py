@@ -217,11 +217,12 @@ class RaLab:
         """Every client's conn on the client charon, but the second session eap-twice."""
         return [f"{kind}-{i}" for i in range(self.clients) for kind in KINDS]
 
-    def wait_established(self, count: int, timeout: float = 120) -> str:
-        """The gateway's statusall once it lists count ESTABLISHED IKE SAs, each with its CHILD SA."""
+    def wait_established(self, count: int, timeout: float = 120, command: str = "statusall") -> str:
+        """The gateway's statusall (or status) once it lists count ESTABLISHED IKE SAs, each
+        with its CHILD SA."""
         def settled(status: str) -> bool:
             return status.count(": ESTABLISHED ") == count and status.count(":  INSTALLED, TUNNEL") == count
-        return lab.wait_for_status(self.gateway, settled, timeout, f"{count} remote-access clients")
+        return lab.wait_for_status(self.gateway, settled, timeout, f"{count} remote-access clients", command)
 
     def up(self, *conns: str) -> None:
         """Start conns without waiting for each (see wait_established)."""
@@ -303,6 +304,33 @@ def start_ra_lab(workdir: Path, clients: int = 20) -> RaLab:
         ra.client.start()
         ra.up(*ra.conns(), "eap-twice")
         ra.wait_established(len(KINDS) * clients + 1)
+    except BaseException:
+        ra.destroy()
+        raise
+    return ra
+
+
+SCALE_POOL = "10.64.0.0/16"  # room for the scale lab's clients
+
+
+def start_scale_ra_lab(workdir: Path, clients: int, timeout: float = 900) -> RaLab:
+    """A gateway with `clients` EAP-MSCHAPv2 clients connected to rw-eap, each its own IKE SA
+    with its own virtual IP (for the benchmark): a concentrator's usual shape."""
+    ra = RaLab(lab.Lab(workdir), clients)
+    ra.lab.create_network()
+    try:
+        make_certificates(workdir / "ca", {"gw": (f"O=lab, CN={GATEWAY_ID}", GATEWAY_ID, "serverAuth")})
+        options = "dos_protection = no"
+        ra.gateway.write_config(GATEWAY_CONF.replace(EAP_POOL, SCALE_POOL), [f"{GATEWAY_ADDRESS}/32"],
+                                charon_options=options)
+        users = f': EAP "{PASSWORD}"\n'
+        install_credentials(ra.gateway, workdir / "ca", ["gw"], users)
+        conf = CLIENT_DEFAULT + "".join(eap_client(i, f"user{i}") + "    auto=start\n" for i in range(clients))
+        ra.client.write_config(conf, [], charon_options=options)
+        install_credentials(ra.client, workdir / "ca", [], users)
+        ra.gateway.start()
+        ra.client.start()
+        ra.wait_established(clients, timeout, command="status")
     except BaseException:
         ra.destroy()
         raise

@@ -6,23 +6,27 @@ that daemon's own tools do (strongSwan's starter, libreswan's addconn), classifi
 each tunnel, and writes one .prom file atomically (temporary file + rename) under a lock.
 
 The pipeline, one plain function a stage:
-    Daemon.query -> read_config / read_libreswan_config -> classify -> build_registry -> write_output
+    Daemon.query -> read_config / read_libreswan_config -> classify -> select_clients
+    -> build_registry -> write_output
 
 The file's sections, in that order:
     read config          read_config: ipsec.conf's conns as starter resolves them
       libreswan          read_libreswan_config: as libreswan 4.x or 5.x resolves them
     query daemon         the Daemon interface and the DaemonState every backend returns
-      stroke             StrokeDaemon runs `ipsec statusall`, parse_statusall reads it;
-                         StatusFile replays a saved one (or a saved pluto answer)
-      VICI               ViciDaemon asks charon's VICI socket, parse_vici reads the
-                         answers; the protocol itself: vici_decode, vici_encode,
-                         ViciConnection
+      stroke             StrokeDaemon runs `ipsec statusall`, parse_statusall reads it
+                         (its pools: parse_stroke_pools); StrokePools runs `ipsec leases`
+                         for VICI; StatusFile replays a saved answer (or a saved pluto one)
+      VICI               ViciDaemon asks charon's VICI socket (and StrokePools for
+                         ipsec.conf's pools), parse_vici reads the answers; the protocol
+                         itself: vici_decode, vici_encode, ViciConnection
       pluto              PlutoDaemon runs `ipsec whack --status` and `--trafficstatus`
                          (libreswan), parse_pluto reads them
       auto               AutoDaemon: VICI when its socket answers, else pluto when its
                          socket answers and charon's stroke socket is absent, else stroke
-    classify             classify: each tunnel's ipsec_status and figures
-    build metrics        metric_families, build_registry
+    classify             classify: each tunnel's ipsec_status and figures; serves_many tells
+                         remote-access tunnels, client_sessions their clients
+      clients            select_clients: clients by name under --max-clients; client_label
+    build metrics        metric_families (client_families, pool_families), build_registry
     write file           write_output: a checked, held directory, flock, write_to_textfile
     main                 parse_args, main
 """

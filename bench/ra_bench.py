@@ -71,12 +71,14 @@ exchange(packet(0, "get-pools"))
 
 def timed(command: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one process."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{command[:4]} failed")
+    with tempfile.TemporaryFile() as stderr:
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - started
+        if os.waitstatus_to_exitcode(status) != 0:
+            stderr.seek(0)
+            raise RuntimeError(f"{command[:4]} failed: {stderr.read().decode(errors='replace')}")
     return elapsed, usage.ru_maxrss / 1024
 
 
@@ -163,11 +165,14 @@ def main() -> None:
                 inside = subprocess.run(
                     [*concentrator.gateway.nsenter(), sys.executable, __file__, "--measure", str(clients),
                      "--reps", str(args.reps), "--textfile-dir", str(textfile_dir)],
-                    capture_output=True, text=True, check=True, timeout=7200)
+                    capture_output=True, text=True, check=False, timeout=7200)
             finally:
                 concentrator.destroy()
+            if inside.returncode != 0:
+                raise SystemExit(f"measuring {clients} clients failed: {inside.stderr}")
             result = json.loads(inside.stdout)
             result["scrape_seconds"] = scrape_seconds(textfile_dir)
+            print(f"# {json.dumps(result)}", file=sys.stderr)
             results.append(result)
     report(results)
 

@@ -325,7 +325,9 @@ def start_scale_ra_lab(workdir: Path, clients: int, timeout: float = 900) -> RaL
                                 charon_options=options)
         users = f': EAP "{PASSWORD}"\n'
         install_credentials(ra.gateway, workdir / "ca", ["gw"], users)
-        conf = CLIENT_DEFAULT + "".join(eap_client(i, f"user{i}") + "    auto=start\n" for i in range(clients))
+        # Under load some exchanges time out: a client that gives up would never come.
+        conf = CLIENT_DEFAULT + "".join(eap_client(i, f"user{i}") + "    auto=start\n    keyingtries=%forever\n"
+                                        for i in range(clients))
         ra.client.write_config(conf, [], charon_options=options)
         install_credentials(ra.client, workdir / "ca", [], users)
         ra.gateway.start()

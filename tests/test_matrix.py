@@ -28,7 +28,8 @@ from promfile import by_tunnel, samples
 VERSIONS = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
 NEWEST = VERSIONS[-1]
 PARSER_AND_REPLAY = ["tests/test_config.py", "tests/test_corpus.py", "tests/test_status.py",
-                     "tests/test_properties.py", "tests/test_collector.py", "tests/test_security.py"]
+                     "tests/test_properties.py", "tests/test_collector.py", "tests/test_security.py",
+                     "tests/test_remote_access.py"]
 REAL_DAEMON = ["tests/test_lab.py"]
 # The oldest library versions gateways get from their distribution, installed from PyPI
 # with that distribution's Python: {run: (python, prometheus_client)}.

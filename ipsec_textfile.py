@@ -6,26 +6,33 @@ that daemon's own tools do (strongSwan's starter, libreswan's addconn), classifi
 each tunnel, and writes one .prom file atomically (temporary file + rename) under a lock.
 
 The pipeline, one plain function a stage:
-    Daemon.query -> read_config / read_libreswan_config -> classify -> build_registry -> write_output
+    Daemon.query -> read_config / read_libreswan_config -> classify -> select_clients
+    -> build_registry -> write_output
 
 The file's sections, in that order:
     read config          read_config: ipsec.conf's conns as starter resolves them
       libreswan          read_libreswan_config: as libreswan 4.x or 5.x resolves them
     query daemon         the Daemon interface and the DaemonState every backend returns
-                         (tunnels, SAs, and the Certificates and Crls the daemon holds)
-      stroke             StrokeDaemon runs `ipsec statusall`, parse_statusall reads it, then
-                         `ipsec listall --utc`, parse_certificate_listing reads that;
-                         StatusFile replays a saved statusall (or a saved pluto answer)
-      VICI               ViciDaemon asks charon's VICI socket, parse_vici reads the
-                         answers, vici_certificates the DER of list-certs (with the
-                         optional cryptography package); the protocol itself:
-                         vici_decode, vici_encode, ViciConnection
+                         (tunnels, SAs, pools, and the Certificates and Crls the daemon holds)
+      stroke             StrokeDaemon runs `ipsec statusall`, parse_statusall reads it (its
+                         pools: parse_stroke_pools), then `ipsec listall --utc`,
+                         parse_certificate_listing reads that; StrokePools runs `ipsec
+                         leases` for VICI; StatusFile replays a saved statusall (or a
+                         saved pluto answer)
+      VICI               ViciDaemon asks charon's VICI socket (and StrokePools for
+                         ipsec.conf's pools), parse_vici reads the answers,
+                         vici_certificates the DER of list-certs (with the optional
+                         cryptography package); the protocol itself: vici_decode,
+                         vici_encode, ViciConnection
       pluto              PlutoDaemon runs `ipsec whack --status` and `--trafficstatus`
                          (libreswan), parse_pluto reads them
       auto               AutoDaemon: VICI when its socket answers, else pluto when its
                          socket answers and charon's stroke socket is absent, else stroke
-    classify             classify: each tunnel's ipsec_status and figures
-    build metrics        metric_families (certificate_families), build_registry
+    classify             classify: each tunnel's ipsec_status and figures; serves_many tells
+                         remote-access tunnels, client_sessions their clients
+      clients            select_clients: clients by name under --max-clients; client_label
+    build metrics        metric_families (client_families, pool_families,
+                         certificate_families), build_registry
     write file           write_output: a checked, held directory, flock, write_to_textfile
     main                 parse_args, main
 """
@@ -38,6 +45,8 @@ import dataclasses
 import errno
 import fcntl
 import glob
+import hashlib
+import ipaddress
 import os
 import re
 import shutil
@@ -50,7 +59,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Dict, Protocol, cast
 
 from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
@@ -65,6 +74,9 @@ DEFAULT_VICI_SOCKET = "/var/run/charon.vici"
 DEFAULT_STROKE_SOCKET = "/var/run/charon.ctl"
 DEFAULT_PLUTO_SOCKET = "/run/pluto/pluto.ctl"
 TUNNEL = ["tunnel"]  # the label of every per-tunnel series
+# Per-client series for this many client names: every client of a 2000-user concentrator
+# with room to grow, about 30,000 series at most.
+DEFAULT_MAX_CLIENTS = 5000
 
 STATUS_UP = 0
 STATUS_IKE_ONLY = 1
@@ -991,6 +1003,13 @@ class IkeSA:
     state: str  # strongSwan's ike_sa_state name: ESTABLISHED, CONNECTING, ...
     age: float | None = None  # seconds since it was established
     next_rekey: float | None = None  # seconds until its next rekey or reauthentication
+    # Who the peer is, as the daemon prints it (from the network: hostile).
+    remote_host: str = ""
+    remote_id: str = ""  # its IKE identity: certificate subject, FQDN, e-mail, address
+    eap_id: str = ""  # the identity it authenticated with over EAP, if any
+    xauth_id: str = ""  # its XAuth user name, if any (IKEv1)
+    virtual_ips: tuple[str, ...] = ()  # addresses the daemon gave it
+    ike_version: str = ""  # IKEv1, IKEv2
 
 
 @dataclass(frozen=True)
@@ -1022,6 +1041,7 @@ class ChildSA:
     state: str  # strongSwan's child_sa_state name: INSTALLED, REKEYED, ...
     ike_uid: int  # the IKE SA that carries it
     traffic: Traffic = Traffic()
+    remote_ts: tuple[str, ...] = ()  # its remote traffic selectors (stroke)
 
 
 @dataclass(frozen=True)
@@ -1070,6 +1090,16 @@ class Crl:
 
 
 @dataclass(frozen=True)
+class Pool:
+    """A virtual IP address pool: ipsec.conf's rightsourceip (named after it), swanctl.conf's pools."""
+
+    name: str
+    size: int  # addresses
+    online: int  # leases held by a connected client
+    offline: int  # leases kept for a client that left
+
+
+@dataclass(frozen=True)
 class DaemonState:
     """One snapshot of the daemon."""
 
@@ -1082,6 +1112,7 @@ class DaemonState:
     uptime: float | None = None  # seconds
     backend: str = ""
     counts_packets: bool = True  # pluto counts bytes only
+    pools: list[Pool] = field(default_factory=list)
     certificates: list[Certificate] = field(default_factory=list)
     crls: list[Crl] = field(default_factory=list)
 
@@ -1118,6 +1149,19 @@ _CHILD_CONFIG = re.compile(r"^ *(?P<name>.+?):   child:  (?P<local>.*?) === (?P<
 # stroke shows a packet count only once the SA has been used: "640 bytes_i (5 pkts, 1s ago)"
 # or "0 bytes_i"; one packet is "1 pkt".
 _TRAFFIC = re.compile(r", (\d+) bytes_i(?: \((\d+) pkts?,[^)]*\))?, (\d+) bytes_o(?: \((\d+) pkts?,)?")
+# An ESTABLISHED IKE SA's ends: "ago, LOCAL[local id]...REMOTE[remote id]". The remote id
+# is the peer's choice (charon prints it with non-printable bytes as "?"): the local id,
+# ours, ends at the first "]...".
+_IKE_ENDS = re.compile(r" ago, [^\[\n]*\[[^\n]*?\]\.\.\.(?P<host>[^\[\n]*)\[(?P<id>[^\n]*)\]$", re.MULTILINE)
+# An IKE SA's detail lines, "   name[3]: Remote EAP identity: user3": the first "]: " of
+# each line is the daemon's, whatever the peer's identity holds after it.
+_IKE_DETAIL = re.compile(r"^[^\n]*?\]: (?P<key>Remote EAP identity|Remote XAuth identity|IKEv[12] SPIs): ?"
+                         r"(?P<value>[^\n]*)$", re.MULTILINE)
+# A CHILD SA's selectors: "   name{7}:   10.77.0.0/24 === 10.99.0.3/32".
+_CHILD_TS = re.compile(r"^[^\n]*?\}:   (?P<local>[^\n]*?) === (?P<remote>[^\n]*)$", re.MULTILINE)
+_HOST_ROUTE = re.compile(r"(?P<address>[0-9a-fA-F.:]+)/(?:32|128)$")
+_POOLS = re.compile(r"^Virtual IP pools \(size/online/offline\):\n((?:  [^\n]*\n)*)", re.MULTILINE)
+_POOL = re.compile(r"^  (?P<name>[^\n]+): (?P<size>\d+)/(?P<online>\d+)/(?P<offline>\d+)$", re.MULTILINE)
 
 
 def _delta(match: re.Match[str], first: int = 1) -> float:
@@ -1147,9 +1191,11 @@ def parse_statusall(text: str) -> DaemonState:
     child: list[ChildSA] = []
     routed = set()
     carrier = -1  # the IKE SA listed last, which carries the CHILD SAs listed after it
-    matches = list(_SA_STATE.finditer(text))
+    # An SA's opening line starts with its name; "name[3]: ESTABLISHED" inside a peer's
+    # identity ("...[user[9]: ESTABLISHED]") follows a ": " on its line and opens nothing.
+    matches = [m for m in _SA_STATE.finditer(text) if ": " not in _sa_name(text, m)]
     for m, following in zip(matches, [*matches[1:], None]):
-        name = text[text.rfind("\n", 0, m.start()) + 1 : m.start()].lstrip(" ")
+        name = _sa_name(text, m)
         ike_uid, child_uid, sa_state = m.group("ike", "child", "state")
         # An SA's detail lines run up to the next SA's opening line.
         end = following.start() if following else len(text)
@@ -1159,21 +1205,62 @@ def parse_statusall(text: str) -> DaemonState:
                 continue
             age = _IKE_AGE.match(text, m.end(), end)
             rekeys = [_delta(r) for r in _IKE_REKEY.finditer(text, m.end(), end)]
-            ike[carrier] = IkeSA(name, carrier, sa_state, _delta(age) if age else None,
-                                 min(rekeys, default=None))
+            ike[carrier] = _with_peer(IkeSA(name, carrier, sa_state, _delta(age) if age else None,
+                                            min(rekeys, default=None)), text, m.end(), end)
         elif sa_state == "ROUTED":
             routed.add(name)
         elif m.start() > counts.start():
             traffic = _TRAFFIC.search(text, m.end(), end)
             b_in, p_in, b_out, p_out = (int(n or 0) for n in traffic.groups()) if traffic else (0, 0, 0, 0)
-            child.append(ChildSA(name, int(child_uid), sa_state, carrier, Traffic(b_in, b_out, p_in, p_out)))
+            selectors = _CHILD_TS.search(text, m.end(), end)
+            child.append(ChildSA(name, int(child_uid), sa_state, carrier, Traffic(b_in, b_out, p_in, p_out),
+                                 tuple(selectors.group("remote").split()) if selectors else ()))
     announced = int(counts.group(1)) + int(counts.group(2))
     if len(ike) < announced:
         # A cut-off answer would make the missing tunnels look down.
         raise DaemonError(f"the daemon announced {announced} IKE SAs but listed {len(ike)}: truncated?")
     since = _SINCE.search(text)
-    return DaemonState(list(ike.values()), child, routed, configs=_stroke_configs(text), version=header.group(1),
-                       uptime=_uptime(since.group(1)) if since else None, backend="stroke")
+    return DaemonState(_with_virtual_ips(ike, child), child, routed, configs=_stroke_configs(text),
+                       version=header.group(1), uptime=_uptime(since.group(1)) if since else None,
+                       backend="stroke", pools=parse_stroke_pools(text[: counts.start()]))
+
+
+def _sa_name(text: str, state: re.Match[str]) -> str:
+    """What precedes an SA's state word on its line: its name, for an opening line."""
+    return text[text.rfind("\n", 0, state.start()) + 1 : state.start()].lstrip(" ")
+
+
+def _with_peer(sa: IkeSA, text: str, start: int, end: int) -> IkeSA:
+    """sa with who its peer is, from its opening line's rest (start) and detail lines (to end)."""
+    line_end = text.find("\n", start, end)
+    line_end = end if line_end < 0 else line_end
+    ends = _IKE_ENDS.search(text, start, line_end)
+    remote_host, remote_id = ends.group("host", "id") if ends else ("", "")
+    details = {m.group("key"): m.group("value") for m in _IKE_DETAIL.finditer(text, line_end, end)}
+    version = next((key.split()[0] for key in details if key.endswith(" SPIs")), "")
+    return replace(sa, remote_host=remote_host, remote_id=remote_id, eap_id=details.get("Remote EAP identity", ""),
+                   xauth_id=details.get("Remote XAuth identity", ""), ike_version=version)
+
+
+def _with_virtual_ips(ike: dict[int, IkeSA], child: list[ChildSA]) -> list[IkeSA]:
+    """Each IKE SA with the single addresses its CHILD SAs lead to (a remote-access
+    client's virtual IPs: stroke's statusall names them nowhere else)."""
+    addresses: dict[int, dict[str, None]] = {}
+    for c in child:
+        for selector in c.remote_ts:
+            host = _HOST_ROUTE.match(selector)
+            if host and c.ike_uid in ike:
+                addresses.setdefault(c.ike_uid, {})[host.group("address")] = None
+    return [replace(sa, virtual_ips=tuple(addresses[uid])) if uid in addresses else sa for uid, sa in ike.items()]
+
+
+def parse_stroke_pools(text: str) -> list[Pool]:
+    """statusall's "Virtual IP pools (size/online/offline):" lines (pools of ipsec.conf's rightsourceip)."""
+    section = _POOLS.search(text)
+    if section is None:
+        return []
+    return [Pool(m.group("name"), int(m.group("size")), int(m.group("online")), int(m.group("offline")))
+            for m in _POOL.finditer(section.group(1))]
 
 
 def _stroke_configs(text: str) -> dict[str, TunnelConfig]:
@@ -1286,6 +1373,36 @@ def certificates_late(timeout: float) -> str:
             "are written, no certificate series this run; a longer --timeout gives it time")
 
 
+_LEASES_POOL = re.compile(r"^Leases in pool '(?P<name>[^\n]*)', usage: (?P<used>\d+)/(?P<size>\d+), "
+                          r"(?P<online>\d+) online$", re.MULTILINE)
+
+
+def parse_stroke_leases(text: str) -> list[Pool]:
+    """`ipsec leases`: each ipsec.conf pool's "Leases in pool 'NAME', usage: USED/SIZE, N online"."""
+    return [Pool(m.group("name"), int(m.group("size")), int(m.group("online")),
+                 int(m.group("used")) - int(m.group("online"))) for m in _LEASES_POOL.finditer(text)]
+
+
+@dataclass(frozen=True)
+class StrokePools:
+    """The pools of ipsec.conf's rightsourceip, which charon keeps in its stroke plugin:
+    VICI's get-pools does not list them. One `ipsec leases` when charon's stroke socket exists."""
+
+    ipsec: str = "ipsec"
+    timeout: float = 10.0
+    stroke_socket: str = DEFAULT_STROKE_SOCKET
+
+    def query(self) -> list[Pool]:
+        if not os.path.exists(self.stroke_socket) or shutil.which(self.ipsec) is None:
+            return []
+        try:
+            stdout, _, _ = run_command([self.ipsec, "leases"], self.timeout)
+        except DaemonError as e:
+            warn(f"{e}; ipsec.conf's address pools left out")  # the tunnels are VICI's, and known
+            return []
+        return parse_stroke_leases(stdout)
+
+
 @dataclass(frozen=True)
 class StatusFile:
     """A saved daemon answer, replayed instead of asking the daemon: `ipsec statusall`
@@ -1325,8 +1442,8 @@ _VICI_SHUNT_MODES = {"PASS", "DROP"}
 def parse_vici(answer: dict[str, Any]) -> DaemonState:
     """One snapshot from the VICI answers ViciDaemon collects (bytes decoded to str).
 
-    answer: "version", "stats", "list-sas", "list-policies", "list-conns", then
-    "stats-after": stats again, taken after list-sas.
+    answer: "version", "stats", "list-sas", "list-policies", "list-conns", "get-pools"
+    (only pools loaded over VICI), then "stats-after": stats again, taken after list-sas.
     """
     ike: list[IkeSA] = []
     child: list[ChildSA] = []
@@ -1334,7 +1451,10 @@ def parse_vici(answer: dict[str, Any]) -> DaemonState:
         for ike_name, sa in event.items():
             rekeys = [float(sa[k]) for k in ("rekey-time", "reauth-time") if k in sa]
             age = float(sa["established"]) if "established" in sa else None
-            ike.append(IkeSA(ike_name, int(sa["uniqueid"]), sa["state"], age, min(rekeys, default=None)))
+            ike.append(IkeSA(ike_name, int(sa["uniqueid"]), sa["state"], age, min(rekeys, default=None),
+                             sa.get("remote-host", ""), sa.get("remote-id", ""), sa.get("remote-eap-id", ""),
+                             sa.get("remote-xauth-id", ""), tuple(sa.get("remote-vips", [])),
+                             f"IKEv{sa['version']}" if "version" in sa else ""))
             for c in sa.get("child-sas", {}).values():
                 traffic = Traffic(*(int(c.get(k, 0)) for k in ("bytes-in", "bytes-out", "packets-in",
                                                                "packets-out")))
@@ -1358,10 +1478,13 @@ def parse_vici(answer: dict[str, Any]) -> DaemonState:
                                                       ",".join(c.get("remote-ts", [])), conn.get("version", "")))
     routed = {p["child"] for event in answer["list-policies"] for p in event.values()
               if p.get("mode") not in _VICI_SHUNT_MODES}
+    # Fixtures captured before pools were asked for have no get-pools; neither has a pool then.
+    pools = [Pool(name, int(p["size"]), int(p["online"]), int(p["offline"]))
+             for name, p in answer.get("get-pools", {}).items()]
     certificates, crls = vici_certificates(answer["list-certs"])
     return DaemonState(ike, child, routed, loaded, configs, version=answer["version"].get("version", ""),
                        uptime=_uptime(answer["stats"].get("uptime", {}).get("since", "")), backend="vici",
-                       certificates=certificates, crls=crls)
+                       pools=pools, certificates=certificates, crls=crls)
 
 
 # The names strongSwan prints for the attributes of a distinguished name (its oid.txt).
@@ -1374,7 +1497,7 @@ _DN_ATTRIBUTES = {
     "1.2.840.113549.1.9.8": "unstructuredAddress", "0.9.2342.19200300.100.1.1": "UID",
     "0.9.2342.19200300.100.1.25": "DC", "0.2.262.1.10.7.20": "ND", "2.23.133.2.3": "TCGID",
 }
-_UNPRINTABLE = re.compile(rb"[^\x20-\x7e]")
+_DN_UNPRINTABLE = re.compile(rb"[^\x20-\x7e]")
 
 
 def strongswan_dn(name: Any) -> str:
@@ -1385,7 +1508,7 @@ def strongswan_dn(name: Any) -> str:
         value = attribute.value
         raw = value if isinstance(value, bytes) else value.encode("utf-8", "replace")
         oid = attribute.oid.dotted_string
-        parts.append(f"{_DN_ATTRIBUTES.get(oid, oid)}={_UNPRINTABLE.sub(b'?', raw).decode('ascii')}")
+        parts.append(f"{_DN_ATTRIBUTES.get(oid, oid)}={_DN_UNPRINTABLE.sub(b'?', raw).decode('ascii')}")
     return ", ".join(parts)
 
 
@@ -1681,15 +1804,19 @@ class ViciDaemon:
 
     socket_path: str = DEFAULT_VICI_SOCKET
     timeout: float = 10.0
+    stroke_pools: StrokePools | None = None  # ipsec.conf's pools, which VICI does not list
 
     def query(self) -> DaemonState:
         answer = self.ask()
         try:
-            return parse_vici(answer)
+            state = parse_vici(answer)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             # Another strongSwan version's answer, without a field this one relies on.
             raise DaemonError(f"unexpected VICI answer from {self.socket_path}: "
                               f"{type(e).__name__} {e}") from None
+        if self.stroke_pools is None:
+            return state
+        return replace(state, pools=state.pools + self.stroke_pools.query())
 
     def ask(self) -> dict[str, Any]:
         """The answers parse_vici reads, all within the timeout."""
@@ -1711,6 +1838,7 @@ class ViciDaemon:
                 "list-policies": vici.stream("list-policies", "list-policy",
                                              {"trap": "yes", "pass": "yes", "drop": "yes"}),
                 "list-conns": vici.stream("list-conns", "list-conn"),
+                "get-pools": vici.request("get-pools"),
             }
             try:
                 # DER in "data": decoded so that it can be encoded back to the same bytes
@@ -1905,7 +2033,7 @@ class AutoDaemon:
 
 def choose_daemon(backend: str, ipsec: str, vici_socket: str, timeout: float) -> Daemon:
     stroke = StrokeDaemon(ipsec, timeout)
-    vici = ViciDaemon(vici_socket, timeout)
+    vici = ViciDaemon(vici_socket, timeout, StrokePools(ipsec, timeout))
     pluto = PlutoDaemon(ipsec, timeout)
     if backend == "stroke":
         return stroke
@@ -1925,6 +2053,21 @@ class TunnelDetail:
     installed_child_sas: int
     ike: IkeSA | None  # its newest ESTABLISHED IKE SA, if any
     config: TunnelConfig | None = None  # what the daemon has loaded for it
+    clients: int = 0  # ESTABLISHED IKE SAs carrying it
+    remote_access: bool = False  # its configured remote admits many peers (serves_many)
+    sessions: tuple[ClientSession, ...] = ()  # a remote-access tunnel's clients, one per IKE SA
+
+
+@dataclass(frozen=True)
+class ClientSession:
+    """One ESTABLISHED (so authenticated) IKE SA of a remote-access tunnel: a connected client."""
+
+    name: str  # the authenticated name: EAP identity, else XAuth user, else IKE identity
+    remote_host: str
+    virtual_ips: tuple[str, ...]
+    ike_version: str
+    age: float | None  # seconds since its IKE SA was established
+    traffic: Traffic  # its own CHILD SAs of the tunnel only
 
 
 @dataclass(frozen=True)
@@ -1934,6 +2077,33 @@ class TunnelStatus:
     routed: bool = False  # a trap policy (auto=route) is installed
     # The rest only when the daemon answered and the tunnel is not ignored.
     detail: TunnelDetail | None = None
+
+
+_ANY_PEER = {"", "%any", "%any4", "%any6"}  # "": swanctl.conf's remote_addrs left unset
+
+
+def serves_many(remote: str) -> bool:
+    """Whether a tunnel's configured remote (TunnelConfig.remote) admits more than one peer:
+    %any, a subnet, a range or several addresses. Such a tunnel is a remote-access one,
+    idle when nobody is connected rather than down."""
+    peers = remote.split(",")
+    if len(peers) > 1:
+        return True
+    peer = peers[0].strip()
+    return peer in _ANY_PEER or "/" in peer or _is_address_range(peer)
+
+
+def _is_address_range(peer: str) -> bool:
+    """"10.0.0.1-10.0.0.9"; a host name may hold a "-" too."""
+    first, dash, last = peer.partition("-")
+    if not dash:
+        return False
+    try:
+        ipaddress.ip_address(first)
+        ipaddress.ip_address(last)
+    except ValueError:
+        return False
+    return True
 
 
 def all_tunnels(configured: Sequence[Tunnel], loaded: Sequence[Tunnel]) -> list[Tunnel]:
@@ -1979,14 +2149,78 @@ def classify(tunnels: Sequence[Tunnel], state: DaemonState) -> list[TunnelStatus
         established = [sa for sa in carriers if sa.state == "ESTABLISHED"]
         newest = min(established, key=lambda sa: sa.age if sa.age is not None else 0.0, default=None)
         traffic = sum((c.traffic for c in own_children), Traffic() if state.counts_packets else NO_PACKETS)
-        detail = TunnelDetail(traffic, len(installed), newest, state.configs.get(tunnel.name))
+        carrying = {c.ike_uid for c in own_children} | {sa.uid for sa in named_ike}
+        clients = [ike_by_uid[uid] for uid in carrying if uid in ike_by_uid and ike_by_uid[uid].state == "ESTABLISHED"]
+        config = state.configs.get(tunnel.name)
+        remote_access = config is not None and serves_many(config.remote)
+        sessions = client_sessions(clients, own_children, state.counts_packets) if remote_access else ()
+        detail = TunnelDetail(traffic, len(installed), newest, config, len(clients), remote_access, sessions)
         results.append(TunnelStatus(tunnel.name, status, routed, detail))
     return results
+
+
+def client_sessions(clients: Sequence[IkeSA], children: Sequence[ChildSA],
+                    counts_packets: bool) -> tuple[ClientSession, ...]:
+    """A remote-access tunnel's clients, each with the traffic of its own CHILD SAs of it."""
+    traffic: dict[int, Traffic] = {}
+    for c in children:
+        traffic[c.ike_uid] = traffic.get(c.ike_uid, Traffic() if counts_packets else NO_PACKETS) + c.traffic
+    return tuple(
+        ClientSession(sa.eap_id or sa.xauth_id or sa.remote_id, sa.remote_host, sa.virtual_ips, sa.ike_version,
+                      sa.age, traffic.get(sa.uid, Traffic() if counts_packets else NO_PACKETS))
+        for sa in clients)
 
 
 def unknown_statuses(tunnels: Sequence[Tunnel]) -> list[TunnelStatus]:
     """What a run that could not ask the daemon knows: nothing is known to be up."""
     return [TunnelStatus(t.name, STATUS_IGNORED if t.ignored else STATUS_UNKNOWN) for t in tunnels]
+
+
+# ---------------------------------------------------------------- classify: clients
+
+
+@dataclass(frozen=True)
+class Client:
+    """One client name under one remote-access tunnel: its sessions, reported together."""
+
+    tunnel: str
+    name: str  # as written (client_label)
+    sessions: list[ClientSession]
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    clients: list[Client]  # by tunnel, then name
+    left_out: int = 0  # client names past --max-clients
+
+
+CLIENT_NAME_MAX = 128  # characters of a client name written; a longer one is cut and hashed
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def client_label(name: str) -> str:
+    """A name from the network as a label value: control characters as "?", at most
+    CLIENT_NAME_MAX characters; a longer name is cut and ends in a hash of all of it, so
+    that two long names stay two clients. Quotes and backslashes are the exposition's to escape."""
+    # Lone surrogates (undecodable bytes kept by a decoder) cannot be written as UTF-8.
+    printable = _CONTROL_CHARACTERS.sub("?", name.encode("utf-8", "replace").decode("utf-8"))
+    if len(printable) <= CLIENT_NAME_MAX:
+        return printable
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{printable[: CLIENT_NAME_MAX - 11]}...{digest}"
+
+
+def select_clients(statuses: Sequence[TunnelStatus], max_clients: int) -> ClientReport:
+    """The remote-access tunnels' clients by name, the first max_clients of them in
+    (tunnel, name) order: the same ones every run, whoever connects last."""
+    sessions: dict[tuple[str, str], list[ClientSession]] = {}
+    for tunnel in statuses:
+        for session in tunnel.detail.sessions if tunnel.detail else ():
+            sessions.setdefault((tunnel.name, client_label(session.name)), []).append(session)
+    names = sorted(sessions)
+    kept = names[: max(0, max_clients)]
+    return ClientReport([Client(tunnel, name, sessions[tunnel, name]) for tunnel, name in kept],
+                        len(names) - len(kept))
 
 
 # ---------------------------------------------------------------- build metrics
@@ -2008,6 +2242,7 @@ class RunResult:
     daemon: DaemonState | None  # None when the daemon could not be asked
     finished: float  # unix time
     duration: float  # seconds
+    clients: ClientReport = field(default_factory=lambda: ClientReport([]))
 
     @property
     def success(self) -> bool:
@@ -2038,6 +2273,13 @@ def metric_families(result: RunResult) -> list[Metric]:
     ike_rekey = GaugeMetricFamily("ipsec_ike_next_rekey_seconds",
                                   "Seconds until the tunnel's IKE SA is rekeyed or reauthenticated, "
                                   "whichever comes first.", labels=TUNNEL)
+    remote_access = GaugeMetricFamily("ipsec_tunnel_remote_access",
+                                      "1 when the tunnel's configured remote admits many peers (%any, a "
+                                      "subnet, a range, several addresses): a remote-access tunnel, idle "
+                                      "rather than down without clients; 0 for one fixed peer.", labels=TUNNEL)
+    clients = GaugeMetricFamily("ipsec_tunnel_clients",
+                                "ESTABLISHED IKE SAs carrying the tunnel: 0 or 1 for a site-to-site tunnel, "
+                                "one per connected client of a remote-access one.", labels=TUNNEL)
     info = InfoMetricFamily("ipsec_tunnel", "Where the tunnel goes and what it carries, as the daemon has it "
                                             "loaded: IKE config, addresses, traffic selectors, IKE version.",
                             labels=TUNNEL)
@@ -2054,6 +2296,7 @@ def metric_families(result: RunResult) -> list[Metric]:
             continue
         routed.add_metric(label, int(tunnel.routed))
         child_sas.add_metric(label, detail.installed_child_sas)
+        clients.add_metric(label, detail.clients)
         ike_up.add_metric(label, int(detail.ike is not None))
         if detail.ike is not None and detail.ike.age is not None:
             ike_age.add_metric(label, detail.ike.age)
@@ -2068,7 +2311,8 @@ def metric_families(result: RunResult) -> list[Metric]:
             info.add_metric(label, {"ike": config.ike, "local": config.local, "remote": config.remote,
                                     "local_ts": config.local_ts, "remote_ts": config.remote_ts,
                                     "ike_version": config.ike_version})
-    families = [status, info, routed, child_sas, ike_up, ike_age, ike_rekey, *(c for c, _ in counters)]
+            remote_access.add_metric(label, int(detail.remote_access))
+    families = [status, info, remote_access, clients, routed, child_sas, ike_up, ike_age, ike_rekey, *(c for c, _ in counters)]
 
     daemon = result.daemon
     if daemon is not None:
@@ -2082,6 +2326,8 @@ def metric_families(result: RunResult) -> list[Metric]:
         for state in IKE_SA_STATES:
             by_state.add_metric([state], sum(sa.state == state for sa in daemon.ike_sas))
         families.append(by_state)
+        families += client_families(result.clients)
+        families += pool_families(daemon.pools)
         families.extend(certificate_families(daemon))
     return [
         *families,
@@ -2093,6 +2339,64 @@ def metric_families(result: RunResult) -> list[Metric]:
         GaugeMetricFamily("ipsec_textfile_duration_seconds", "How long this collector's last run took.",
                           value=result.duration),
     ]
+
+
+CLIENT = ["tunnel", "client"]  # the labels of every per-client series
+
+
+def client_families(report: ClientReport) -> list[Metric]:
+    """The per-client series of remote-access tunnels, and how many clients were left out."""
+    info = InfoMetricFamily("ipsec_client", "A connected client of a remote-access tunnel, one series per "
+                                            "session (sessions alike in every label share one): where from, "
+                                            "its virtual IPs (comma-separated), its IKE version. client is its "
+                                            "EAP identity, else its XAuth user, else its IKE identity.",
+                            labels=CLIENT)
+    sessions = GaugeMetricFamily("ipsec_client_sessions", "ESTABLISHED IKE SAs of the client under the tunnel.",
+                                 labels=CLIENT)
+    connected = GaugeMetricFamily("ipsec_client_connected_seconds",
+                                  "Seconds since the client's IKE SA was established (its oldest session's).",
+                                  labels=CLIENT)
+    counters = [
+        (CounterMetricFamily(name.replace("ipsec_", "ipsec_client_", 1),
+                             f"{what} through the client's own CHILD SAs of the tunnel, its sessions summed; "
+                             "restarts from 0 when a CHILD SA is rekeyed or a session ends.", labels=CLIENT),
+         field_name)
+        for name, what, field_name in TRAFFIC_COUNTERS
+    ]
+    for client in report.clients:
+        label = [client.tunnel, client.name]
+        written = set()
+        for session in client.sessions:
+            extra = (client_label(session.remote_host), client_label(",".join(session.virtual_ips)),
+                     session.ike_version)
+            if extra not in written:
+                written.add(extra)
+                info.add_metric(label, dict(zip(("remote_host", "virtual_ip", "ike_version"), extra)))
+        sessions.add_metric(label, len(client.sessions))
+        ages = [s.age for s in client.sessions if s.age is not None]
+        if ages:
+            connected.add_metric(label, max(ages))
+        traffic = sum((s.traffic for s in client.sessions[1:]), client.sessions[0].traffic)
+        for counter, field_name in counters:
+            figure = getattr(traffic, field_name)
+            if figure is not None:
+                counter.add_metric(label, figure)
+    left_out = GaugeMetricFamily("ipsec_clients_left_out",
+                                 "Clients of remote-access tunnels without per-client series: past --max-clients.",
+                                 value=report.left_out)
+    return [info, sessions, connected, *(c for c, _ in counters), left_out]
+
+
+def pool_families(pools: Sequence[Pool]) -> list[Metric]:
+    size = GaugeMetricFamily("ipsec_pool_addresses", "Addresses of the virtual IP pool.", labels=["pool"])
+    leases = GaugeMetricFamily("ipsec_pool_leases", "Leases of the virtual IP pool: online (its client is "
+                                                    "connected) or offline (kept for a client that left).",
+                               labels=["pool", "state"])
+    for pool in pools:
+        size.add_metric([pool.name], pool.size)
+        leases.add_metric([pool.name, "online"], pool.online)
+        leases.add_metric([pool.name, "offline"], pool.offline)
+    return [size, leases]
 
 
 CERTIFICATE_LABELS = ["subject", "issuer", "serial", "type"]
@@ -2316,6 +2620,10 @@ example cron line (/etc/cron.d/ipsec-textfile):
                         help="how long the daemon may take to answer (default: %(default)s)")
     parser.add_argument("--lock-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long to wait for an overlapping run's lock (default: %(default)s)")
+    parser.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
+                        help="per-client series (ipsec_client_*) for at most N client names of remote-access "
+                             "tunnels, the first in tunnel and name order; the rest are counted in "
+                             "ipsec_clients_left_out; 0 writes none (default: %(default)s)")
     parser.add_argument("--status-file", metavar="PATH",
                         help="read a saved daemon answer instead of asking the daemon (replaces "
                              "--backend): `ipsec statusall` output, or for libreswan `ipsec whack "
@@ -2365,7 +2673,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     statuses = (classify(all_tunnels(tunnels or [], state.loaded), state) if state is not None
                 else unknown_statuses(tunnels or []))
 
-    result = RunResult(statuses, state, time.time(), time.monotonic() - started)
+    clients = select_clients(statuses, args.max_clients)
+    if clients.left_out and args.max_clients > 0:
+        warn(f"{clients.left_out} clients of remote-access tunnels left out of the per-client series "
+             f"(--max-clients {args.max_clients})")
+    result = RunResult(statuses, state, time.time(), time.monotonic() - started, clients)
     try:
         write_output(build_registry(result), args.output, args.lock_timeout)
     except OutputError as e:

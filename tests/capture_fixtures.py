@@ -12,6 +12,7 @@ that produced them:
     tests/fixtures/swanctl/     swanctl.conf gateway (lab.start_swanctl_lab)
     tests/fixtures/rekeyed/     an IKEv1 tunnel whose rekeyed CHILD SA is still listed
                                 (lab.start_rekey_lab)
+    tests/fixtures/remote-access/  a remote-access gateway and its clients (ra_lab.start_ra_lab)
         statusall.txt           `ipsec statusall` output
         vici.bin                every byte charon sent on the one VICI connection of
                                 ipsec_textfile.ViciDaemon.ask() (version, stats, list-sas,
@@ -22,6 +23,7 @@ that produced them:
         peer-ipsec.conf         the peer's /etc/ipsec.conf
         statusall-before-5.3.txt  rekeyed/ only: statusall.txt with each CHILD SA
                                 numbered by its reqid, as stroke before strongSwan 5.3 did
+        leases.txt              remote-access/ only: `ipsec leases` output
         CAPTURE.md              command, versions, date, traffic sent
 """
 
@@ -42,6 +44,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import ipsec_textfile
 import lab
+import ra_lab
 
 # (local, remote, datagrams, payload bytes): 5 packets on one tunnel, 1 on another
 # (stroke writes "1 pkt" for it).
@@ -103,6 +106,56 @@ def numbered_by_reqid(statusall: str) -> str:
     return re.sub(r"\{(\d+)\}:", lambda m: "{" + reqids.get(m.group(1), m.group(1)) + "}:", statusall)
 
 
+# The remote-access capture: 3 clients of each kind; (conn, datagrams, payload bytes)
+# sent from the client's virtual IP; conns that then leave (their leases go offline).
+RA_CLIENTS = 3
+RA_TRAFFIC = [("eap-1", 5, 100), ("cert-0", 2, 100)]
+RA_LEFT = ["xauth-2", "swan-2"]
+
+
+def capture_remote_access() -> None:
+    target = HERE / "fixtures" / "remote-access"
+    with tempfile.TemporaryDirectory() as tmp:
+        ra = ra_lab.start_ra_lab(Path(tmp), RA_CLIENTS)
+        try:
+            for conn, count, size in RA_TRAFFIC:
+                ra.send_from(conn, count, size)
+            ra.down(*RA_LEFT)
+            ra.wait_established(len(ra_lab.KINDS) * RA_CLIENTS + 1 - len(RA_LEFT))
+            statusall = ra.gateway.ipsec("statusall")
+            leases = ra.gateway.ipsec("leases")
+            answer = ipsec_textfile.ViciDaemon(ra.gateway.vici_socket).ask()
+            version = ra.gateway.ipsec("version").strip().splitlines()[0]
+        finally:
+            ra.destroy()
+        shutil.rmtree(target, ignore_errors=True)
+        (target / "etc").mkdir(parents=True)
+        shutil.copy(ra.gateway.workdir / "ipsec.conf", target / "etc" / "ipsec.conf")
+        shutil.copy(ra.gateway.workdir / "swanctl.conf", target / "swanctl.conf")
+        shutil.copy(ra.client.workdir / "ipsec.conf", target / "peer-ipsec.conf")
+    (target / "statusall.txt").write_text(statusall)
+    (target / "leases.txt").write_text(leases)
+    (target / "vici.json").write_text(json.dumps(answer, indent=1) + "\n")
+    sent = "".join(f"- {count} UDP datagrams of {size} bytes from {conn}'s virtual IP to an echo server at "
+                   f"{ra_lab.GATEWAY_ADDRESS}\n" for conn, count, size in RA_TRAFFIC)
+    (target / "CAPTURE.md").write_text(
+        "# remote-access\n\n"
+        "Captured by `python3 tests/capture_fixtures.py remote-access` (as root) on "
+        f"{datetime.date.today().isoformat()} from {version}.\n\n"
+        f"`ra_lab.start_ra_lab(workdir, {RA_CLIENTS})`: the gateway read `etc/ipsec.conf` (conns rw-eap,\n"
+        "rw-xauth, rw-cert, `right=%any`, each with a rightsourceip pool) and loaded `swanctl.conf` (rw-swan\n"
+        f"and its pool {ra_lab.SWAN_POOL}) with `swanctl --load-all --file`. One client charon (`peer-ipsec.conf`)\n"
+        f"brought up {RA_CLIENTS} clients of each kind (eap-N: EAP user userN; xauth-N: XAuth user xuserN;\n"
+        "cert-N: certificate O=lab, CN=certN; swan-N: EAP user suserN) and eap-twice, a second session\n"
+        "of user0 under another IKE identity. Then `RaLab.send_from` sent (and got back):\n\n"
+        f"{sent}\n"
+        f"and {', '.join(RA_LEFT)} left (`ipsec down` on the client). Then, back to back inside the gateway's\n"
+        "namespaces: `ipsec statusall` (`statusall.txt`), `ipsec leases` (`leases.txt`) and\n"
+        "`ipsec_textfile.ViciDaemon(socket).ask()` on its /run/charon.vici (`vici.json`).\n"
+    )
+    print(f"wrote {target}")
+
+
 CAPTURES: dict[str, tuple[Callable[[Path], lab.Lab], str]] = {
     "states": (lab.start_states_lab,
                ("The gateway read `etc/ipsec.conf` as /etc/ipsec.conf and `etc/ipsec.d/included.conf`\n"
@@ -122,7 +175,10 @@ CAPTURES: dict[str, tuple[Callable[[Path], lab.Lab], str]] = {
 
 def main() -> None:
     """`capture_fixtures.py [NAME ...]`: those fixtures, or all of them."""
-    for name in sys.argv[1:] or CAPTURES:
+    for name in sys.argv[1:] or [*CAPTURES, "remote-access"]:
+        if name == "remote-access":
+            capture_remote_access()
+            continue
         start, describe = CAPTURES[name]
         capture(name, start, describe)
 

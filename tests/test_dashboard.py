@@ -17,7 +17,8 @@ from prometheus_client.core import Metric
 import ipsec_textfile as it
 import lab
 import prometheus_server
-from conftest import FIXTURES, ROOT, run_collector
+import ra_lab
+from conftest import FIXTURES, ROOT, require, run_collector
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -60,6 +61,27 @@ def query_panels() -> list[dict[str, Any]]:
 
 def panel_targets() -> list[tuple[dict[str, Any], dict[str, Any]]]:
     return [(panel, target) for panel in query_panels() for target in panel["targets"]]
+
+
+REMOTE_ACCESS_ROW = "Remote access"  # its panels need a remote-access gateway's file
+
+
+def in_remote_access_row(panel: dict[str, Any]) -> bool:
+    row = None
+    for top in DASHBOARD["panels"]:
+        if top["type"] == "row":
+            row = top["title"]
+        if top is panel:
+            return row == REMOTE_ACCESS_ROW
+    raise AssertionError(panel["title"])
+
+
+def site_targets() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(panel, target) for panel, target in panel_targets() if not in_remote_access_row(panel)]
+
+
+def remote_access_targets() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(panel, target) for panel, target in panel_targets() if in_remote_access_row(panel)]
 
 
 def variables() -> dict[str, dict[str, Any]]:
@@ -282,17 +304,21 @@ def test_variables_list_the_gateway_and_every_tunnel(grafana: Grafana) -> None:
             assert answers == dict.fromkeys(answers, expected[name]), name
 
 
-@pytest.mark.parametrize("kind", ["instant", "range"])
-@pytest.mark.parametrize(("panel", "target"), panel_targets(),
-                         ids=[f"{panel['title']}/{target['refId']}" for panel, target in panel_targets()])
-def test_every_panel_query_returns_series(
-        grafana: Grafana, panel: dict[str, Any], target: dict[str, Any], kind: str) -> None:
+def assert_series(grafana: Grafana, target: dict[str, Any], kind: str) -> None:
     expression = substitute(target["expr"], grafana.values)
     answer = grafana.instant(expression) if kind == "instant" else grafana.range(expression)
     assert answer["status"] == "success", (expression, answer)
     assert answer["data"]["result"], f"no series for {expression}"
     if kind == "range":
         assert all(series["values"] for series in answer["data"]["result"])
+
+
+@pytest.mark.parametrize("kind", ["instant", "range"])
+@pytest.mark.parametrize(("panel", "target"), site_targets(),
+                         ids=[f"{panel['title']}/{target['refId']}" for panel, target in site_targets()])
+def test_every_panel_query_returns_series(
+        grafana: Grafana, panel: dict[str, Any], target: dict[str, Any], kind: str) -> None:
+    assert_series(grafana, target, kind)
 
 
 def test_tunnel_table_shows_each_tunnels_state_and_peer(grafana: Grafana) -> None:
@@ -345,3 +371,70 @@ def test_certificate_tables_show_days_left_soonest_first(grafana: Grafana) -> No
         rows = sorted(float(series["value"][1]) for series in answer["data"]["result"])
         expected = sorted((getattr(item, when) - asked) / 86400 for item in items)
         assert rows == pytest.approx(expected, abs=60 / 86400), title
+
+
+# ---------------------------------------------------------------- the remote-access row, on a live concentrator
+
+
+def test_the_remote_access_row_has_clients_pools_and_top_clients() -> None:
+    titles = {panel["title"] for panel in query_panels() if in_remote_access_row(panel)}
+    assert titles == {"Clients per tunnel", "Pool usage", "Top clients by traffic", "Connected clients"}
+
+
+RA_CLIENTS = 2  # of each kind
+
+
+@pytest.fixture(scope="module")
+def ra_grafana(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grafana]:
+    """tests/ra_lab.py's gateway, its file scraped by Prometheus: once as the clients came
+    up, then after eap-1 (user1) sent traffic."""
+    require(ra_lab.missing_tools(), "the remote-access lab")
+    ra = ra_lab.start_ra_lab(tmp_path_factory.mktemp("ra"), RA_CLIENTS)
+    try:
+        with prometheus_server.monitoring(tmp_path_factory.mktemp("ra-dashboard")) as (textfile_dir, server):
+            def collect() -> None:
+                proc = run_collector("--output", str(textfile_dir / "ipsec.prom"), prefix=ra.gateway.nsenter())
+                assert (proc.returncode, proc.stderr) == (0, "")
+
+            collect()
+            lab.wait_for(lambda: enough_samples(server), 60, "Prometheus to scrape the file several times")
+            ra.send_from("eap-1", 50, 1000)
+            collect()
+            lab.wait_for(lambda: bool(server.api("query", {"query": "rate(ipsec_client_in_bytes_total[1m]) > 0"})
+                                      ["result"]), 60, "Prometheus to see user1's traffic")
+            view = Grafana(server, {})
+            for name, variable in variables().items():
+                if variable["type"] == "query":
+                    view.values[name] = view.label_values(variable["query"])["labels API"]
+            yield view
+    finally:
+        ra.destroy()
+
+
+@pytest.mark.parametrize("kind", ["instant", "range"])
+@pytest.mark.parametrize(("panel", "target"), remote_access_targets(),
+                         ids=[f"{panel['title']}/{target['refId']}" for panel, target in remote_access_targets()])
+def test_every_remote_access_panel_query_returns_series(
+        ra_grafana: Grafana, panel: dict[str, Any], target: dict[str, Any], kind: str) -> None:
+    assert_series(ra_grafana, target, kind)
+
+
+def instant_rows(grafana: Grafana, title: str) -> list[dict[str, Any]]:
+    [target] = panel_titled(title)["targets"]
+    answer = grafana.instant(substitute(target["expr"], grafana.values))
+    return list(answer["data"]["result"])
+
+
+def test_remote_access_panels_show_the_labs_clients_pools_and_traffic(ra_grafana: Grafana) -> None:
+    # eap-twice is a second session of user0; rw-swan comes from swanctl.conf (VICI).
+    clients = {row["metric"]["tunnel"]: float(row["value"][1]) for row in instant_rows(ra_grafana, "Clients per tunnel")}
+    assert clients == {"rw-eap": RA_CLIENTS + 1, "rw-xauth": RA_CLIENTS, "rw-cert": RA_CLIENTS,
+                       "rw-swan": RA_CLIENTS}
+    usage = {row["metric"]["pool"]: float(row["value"][1]) for row in instant_rows(ra_grafana, "Pool usage")}
+    assert usage[ra_lab.CERT_POOL] == pytest.approx(RA_CLIENTS / 254)
+    assert usage[ra_lab.SWAN_POOL] == pytest.approx(RA_CLIENTS / 62)
+    top = sorted(instant_rows(ra_grafana, "Top clients by traffic"), key=lambda row: -float(row["value"][1]))
+    assert (top[0]["metric"]["tunnel"], top[0]["metric"]["client"]) == ("rw-eap", "user1")
+    assert float(top[0]["value"][1]) > 0 and all(float(row["value"][1]) == 0 for row in top[1:])
+    connected = {row["metric"]["client"] for row in instant_rows(ra_grafana, "Connected clients")}
+    assert {"user0", "user1", "xuser1", "O=lab, CN=cert1", "suser1"} <= connected

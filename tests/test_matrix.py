@@ -29,7 +29,8 @@ VERSIONS = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
 NEWEST = VERSIONS[-1]
 PARSER_AND_REPLAY = ["tests/test_config.py", "tests/test_corpus.py", "tests/test_status.py",
                      "tests/test_properties.py", "tests/test_collector.py", "tests/test_security.py",
-                     "tests/test_vici.py", "tests/test_faults.py", "tests/test_libreswan_status.py"]
+                     "tests/test_vici.py", "tests/test_faults.py", "tests/test_libreswan_status.py",
+                     "tests/test_remote_access.py"]
 # Tests of those files that need the strongSwan lab: with the real-daemon tests only (one lab
 # at a time), and the comparison with strongSwan's `vici` package only in the main run, which
 # installs it.

@@ -259,11 +259,13 @@ def test_overlapping_runs_never_show_a_partial_file(tmp_path: Path) -> None:
     thread = threading.Thread(target=reader)
     thread.start()
     try:
+        # The runs take turns under the lock: the last waits for the 19 others. A bound on a
+        # hang, not a speed: 600 s holds where several suites share 2 cores (tests/test_matrix.py).
         runs = [subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(conf), "--status-file",
-                                  str(STATES_STATUSALL), "--output", str(out), "--lock-timeout", "60"],
+                                  str(STATES_STATUSALL), "--output", str(out), "--lock-timeout", "600"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 for _ in range(20)]
-        codes = [run.wait(timeout=120) for run in runs]
+        codes = [run.wait(timeout=900) for run in runs]
     finally:
         stop.set()
         thread.join(timeout=30)

@@ -806,9 +806,11 @@ def read_libreswan_config(path: str, root: str | None = None, version: str = "")
     """
     major4 = version.split(".")[0] in ("3", "4")
     conns: list[_LswSection] = []
-    setup: list[tuple[str, str]] = []
+    setup: list[list[tuple[str, str]]] = []  # each config setup section's settings
     _lsw_read(path, root, major4, conns, setup, [], [])
-    for key, _ in setup:
+    # 4.x checks the keywords of the first config setup section with settings only: later
+    # ones may hold conn keywords (readwriteconf 4.10 accepts them there).
+    for key, _ in next((settings for settings in setup if settings), []):
         if major4 and key in _LSW4_CONN_ONLY:
             raise ConfigError(f"{path}: {key}= is a conn keyword, not one of config setup")
     by_name = {c.name: c for c in conns}  # the later of two conns of one name
@@ -892,7 +894,7 @@ def _lsw_differ(key: str, first: str, second: str) -> bool:
 
 
 def _lsw_read(path: str, root: str | None, major4: bool, conns: list[_LswSection],
-              setup: list[tuple[str, str]], stack: list[str], statements: list[str]) -> None:
+              setup: list[list[tuple[str, str]]], stack: list[str], statements: list[str]) -> None:
     """Read one file into conns and setup, included files in place (statements: the
     unindented lines read so far, since "version" may only come first)."""
     try:
@@ -935,7 +937,7 @@ def _lsw_read(path: str, root: str | None, major4: bool, conns: list[_LswSection
                 # type=passthrough from %default or also=.
                 lowered = "type:shunt"
             if in_setup:
-                setup.append((lowered, value))
+                setup[-1].append((lowered, value))
             elif section is not None:
                 section.items.append((lowered, value))
             continue
@@ -951,6 +953,7 @@ def _lsw_read(path: str, root: str | None, major4: bool, conns: list[_LswSection
             conns.append(section)
         elif word == "config" and argument == "setup":
             section, in_setup = None, True
+            setup.append([])
         elif word == "include" and argument:
             pattern = argument[1:-1] if argument.startswith('"') else argument
             full = (root.rstrip("/") + pattern) if root and pattern.startswith("/") else pattern

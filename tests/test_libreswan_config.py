@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import ipsec_textfile as it
@@ -138,6 +138,9 @@ def tally(request: pytest.FixtureRequest) -> Iterator[dict[str, list[int]]]:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(config=configs())
+# 4.x checks only the first config setup section that has settings for conn keywords.
+@example(config=("config setup\n\tlogfile=/tmp/x.log\n", "config setup\n\tlogfile=/tmp/x.log\n\tauto=add\n"))
+@example(config=("config setup\n", "config setup\n\tauto=add\n"))
 def test_generated_configs_agree_with_libreswan(suite: str, config: tuple[str, str],
                                                 tally: dict[str, list[int]]) -> None:
     require(libreswan_lab.missing_tools(), "libreswan's readwriteconf")

@@ -332,7 +332,12 @@ def start_scale_ra_lab(workdir: Path, clients: int, timeout: float = 900) -> RaL
         install_credentials(ra.client, workdir / "ca", [], users)
         ra.gateway.start()
         ra.client.start()
-        ra.wait_established(clients, timeout, command="status")
+        # Polled through VICI's cheap stats: listing thousands of SAs over and over would
+        # take the CPU the daemons need to bring them up.
+        stats = [*ra.gateway.nsenter(), "swanctl", "--stats"]
+        lab.wait_for(lambda: f"IKE_SAs: {clients} total, 0 half-open" in lab.run(stats, check=False), timeout,
+                     f"{clients} IKE SAs")
+        ra.wait_established(clients, 60, command="status")
     except BaseException:
         ra.destroy()
         raise

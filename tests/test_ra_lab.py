@@ -158,3 +158,4 @@ def test_vici_asks_stroke_once_for_ipsec_conf_pools_and_stroke_asks_nothing_more
         text = collect(ra, backend, "--ipsec", str(counting))
         assert calls.read_text() == asked, backend
         assert (ra_lab.EAP_POOL, "size") in pools(text)
+

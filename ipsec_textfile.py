@@ -2088,7 +2088,8 @@ def metric_families(result: RunResult) -> list[Metric]:
                                     "local_ts": config.local_ts, "remote_ts": config.remote_ts,
                                     "ike_version": config.ike_version})
             remote_access.add_metric(label, int(detail.remote_access))
-    families = [status, info, remote_access, clients, routed, child_sas, ike_up, ike_age, ike_rekey, *(c for c, _ in counters)]
+    families = [status, info, remote_access, clients, routed, child_sas, ike_up, ike_age, ike_rekey,
+                *(c for c, _ in counters)]
 
     daemon = result.daemon
     if daemon is not None:

@@ -1246,13 +1246,13 @@ def _with_peer(sa: IkeSA, text: str, start: int, end: int) -> IkeSA:
 
 
 def _with_virtual_ips(ike: dict[int, IkeSA], child: list[ChildSA]) -> list[IkeSA]:
-    """Each IKE SA with the single addresses its CHILD SAs lead to (a remote-access
-    client's virtual IPs: stroke's statusall names them nowhere else)."""
+    """Each IKE SA with the single addresses its CHILD SAs lead to, other than the peer's
+    own (a remote-access client's virtual IPs: stroke's statusall names them nowhere else)."""
     addresses: dict[int, dict[str, None]] = {}
     for c in child:
         for selector in c.remote_ts:
             host = _HOST_ROUTE.match(selector)
-            if host and c.ike_uid in ike:
+            if host and c.ike_uid in ike and host.group("address") != ike[c.ike_uid].remote_host:
                 addresses.setdefault(c.ike_uid, {})[host.group("address")] = None
     return [replace(sa, virtual_ips=tuple(addresses[uid])) if uid in addresses else sa for uid, sa in ike.items()]
 
@@ -2315,7 +2315,8 @@ def metric_families(result: RunResult) -> list[Metric]:
                                     "local_ts": config.local_ts, "remote_ts": config.remote_ts,
                                     "ike_version": config.ike_version})
             remote_access.add_metric(label, int(detail.remote_access))
-    families = [status, info, remote_access, clients, routed, child_sas, ike_up, ike_age, ike_rekey, *(c for c, _ in counters)]
+    families = [status, info, remote_access, clients, routed, child_sas, ike_up, ike_age, ike_rekey,
+                *(c for c, _ in counters)]
 
     daemon = result.daemon
     if daemon is not None:

@@ -7,6 +7,7 @@ import sys
 
 import lab
 import libreswan_lab
+import ra_lab
 from conftest import ROOT, require
 
 
@@ -19,6 +20,16 @@ def test_benchmark_runs_and_prints_its_table() -> None:
     header, row = proc.stdout.splitlines()[-2:]
     assert "(2)/(1)" in header and "(1)/(3)" in header and "RSS MiB" in header
     assert row.split()[0] == "10"
+
+
+def test_remote_access_benchmark_runs_and_prints_its_table() -> None:
+    require(ra_lab.missing_tools(), "the remote-access benchmark lab")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ra_bench.py"), "--clients", "20", "--reps", "1"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    header, row = proc.stdout.splitlines()[-2:]
+    assert "A/B" in header and "A/C" in header and "scrape s" in header
+    assert row.split()[0] == "20"
 
 
 def test_libreswan_benchmark_runs_and_prints_its_figures() -> None:

@@ -145,3 +145,39 @@ def test_hostile_client_names_from_a_real_peer_make_a_valid_file(ra: ra_lab.RaLa
         assert by_tunnel(scraped, "ipsec_tunnel_clients")["rw-eap"] == CLIENTS + 1 + 5
         established = samples(scraped)[("ipsec_ike_sas", (("state", "ESTABLISHED"),))]
         assert established == 4 * CLIENTS + 1 + len(ra_lab.HOSTILE_CLIENTS)
+
+
+def test_vici_asks_stroke_once_for_ipsec_conf_pools_and_stroke_asks_nothing_more(
+        ra: ra_lab.RaLab, tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    counting = tmp_path / "counting-ipsec"
+    counting.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec ipsec "$@"\n')
+    counting.chmod(0o755)
+    for backend, asked in (("vici", "leases\n"), ("auto", "leases\n"), ("stroke", "statusall\n")):
+        calls.write_text("")
+        text = collect(ra, backend, "--ipsec", str(counting))
+        assert calls.read_text() == asked, backend
+        assert (ra_lab.EAP_POOL, "size") in pools(text)
+
+
+
+def test_a_half_open_ike_sa_is_never_a_client(ra: ra_lab.RaLab, tmp_path: Path) -> None:
+    # A peer whose EAP authentication fails (charon's EAP-MSCHAPv2 refuses a 10 kB user name)
+    # leaves an IKE SA CONNECTING on the gateway for a while, under an identity it chose.
+    conf = tmp_path / "half.conf"
+    conf.write_text(
+        "connections {\n half {\n  local_addrs = 10.99.0.2\n  remote_addrs = 10.99.0.1\n  vips = 0.0.0.0\n"
+        f'  local {{ auth = eap\n   id = half@eap.lab\n   eap_id = "{"H" * 10240}" }}\n'
+        f"  remote {{ auth = pubkey\n   id = {ra_lab.GATEWAY_ID} }}\n"
+        f"  children {{ half {{ remote_ts = {ra_lab.GATEWAY_NET}\n   esp_proposals = aes128-sha256 }} }}\n"
+        " }\n}\n")
+    before = by_tunnel(collect(ra, "vici"), "ipsec_tunnel_clients")["rw-eap"]
+    ra_lab.lab.run([*ra.client.nsenter(), "swanctl", "--load-conns", "--file", str(conf)], timeout=30)
+    ra_lab.lab.run([*ra.client.nsenter(), "swanctl", "--initiate", "--child", "half", "--timeout", "20"],
+                   timeout=60, check=False)
+    for backend in BACKENDS:
+        text = collect(ra, backend)
+        assert samples(text)[("ipsec_ike_sas", (("state", "CONNECTING"),))] >= 1, backend
+        clients = per_client(text, "ipsec_client_sessions")
+        assert not [name for tunnel, name in clients if "half" in name or name.startswith("HHHH")], backend
+        assert by_tunnel(text, "ipsec_tunnel_clients")["rw-eap"] == before, backend

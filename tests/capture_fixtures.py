@@ -124,7 +124,9 @@ def capture_remote_access() -> None:
             ra.wait_established(len(ra_lab.KINDS) * RA_CLIENTS + 1 - len(RA_LEFT))
             statusall = ra.gateway.ipsec("statusall")
             leases = ra.gateway.ipsec("leases")
-            answer = ipsec_textfile.ViciDaemon(ra.gateway.vici_socket).ask()
+            with contextlib.closing(lab.ViciProxy(Path(tmp) / "recording.vici", ra.gateway.vici_socket)) as proxy:
+                ipsec_textfile.ViciDaemon(str(proxy.path)).ask()
+            sent_by_charon = bytes(proxy.from_daemon)
             version = ra.gateway.ipsec("version").strip().splitlines()[0]
         finally:
             ra.destroy()
@@ -135,7 +137,7 @@ def capture_remote_access() -> None:
         shutil.copy(ra.client.workdir / "ipsec.conf", target / "peer-ipsec.conf")
     (target / "statusall.txt").write_text(statusall)
     (target / "leases.txt").write_text(leases)
-    (target / "vici.json").write_text(json.dumps(answer, indent=1) + "\n")
+    (target / "vici.bin").write_bytes(sent_by_charon)
     sent = "".join(f"- {count} UDP datagrams of {size} bytes from {conn}'s virtual IP to an echo server at "
                    f"{ra_lab.GATEWAY_ADDRESS}\n" for conn, count, size in RA_TRAFFIC)
     (target / "CAPTURE.md").write_text(
@@ -151,7 +153,8 @@ def capture_remote_access() -> None:
         f"{sent}\n"
         f"and {', '.join(RA_LEFT)} left (`ipsec down` on the client). Then, back to back inside the gateway's\n"
         "namespaces: `ipsec statusall` (`statusall.txt`), `ipsec leases` (`leases.txt`) and\n"
-        "`ipsec_textfile.ViciDaemon(socket).ask()` on its /run/charon.vici (`vici.json`).\n"
+        "`ipsec_textfile.ViciDaemon(socket).ask()` through `lab.ViciProxy` in front of its /run/charon.vici,\n"
+        "which kept every byte charon sent on that connection (`vici.bin`).\n"
     )
     print(f"wrote {target}")
 

@@ -4,7 +4,6 @@ address and traffic, how full the pools are; stroke and VICI alike."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import ipsec_textfile as it
-from conftest import FIXTURES, require, run_collector
+from conftest import FIXTURES, require, run_collector, vici_answer
 from promfile import by_tunnel, samples, value
 
 RA = FIXTURES / "remote-access"
@@ -28,7 +27,7 @@ def stroke_state() -> it.DaemonState:
 
 
 def vici_state() -> it.DaemonState:
-    return it.parse_vici(json.loads((RA / "vici.json").read_text()))
+    return it.parse_vici(vici_answer(RA))
 
 
 def ra_tunnels() -> list[it.Tunnel]:

@@ -24,8 +24,8 @@ The file's sections, in that order:
                          vici_certificates the DER of list-certs (with the optional
                          cryptography package); the protocol itself: vici_decode,
                          vici_encode, ViciConnection
-      pluto              PlutoDaemon runs `ipsec whack --status` and `--trafficstatus`
-                         (libreswan), parse_pluto reads them
+      pluto              PlutoDaemon runs `ipsec whack --status`, `--trafficstatus` and
+                         `--addresspoolstatus` (libreswan), parse_pluto reads them
       auto               AutoDaemon: VICI when its socket answers, else pluto when its
                          socket answers and charon's stroke socket is absent, else stroke
     classify             classify: each tunnel's ipsec_status and figures; serves_many tells
@@ -1409,8 +1409,8 @@ class StrokePools:
 @dataclass(frozen=True)
 class StatusFile:
     """A saved daemon answer, replayed instead of asking the daemon: `ipsec statusall`
-    (strongSwan), or `ipsec whack --status` followed by `ipsec whack --trafficstatus` in
-    one file (libreswan; told apart by pluto's "Connection list:")."""
+    (strongSwan), or `ipsec whack --status` followed by `ipsec whack --trafficstatus` (and
+    `--addresspoolstatus`) in one file (libreswan; told apart by pluto's "Connection list:")."""
 
     path: str
 
@@ -1422,7 +1422,7 @@ class StatusFile:
             raise DaemonError(f"cannot read status file {self.path}: {e.strerror}") from None
         try:
             if _STATUS_HEADER.search(text) is None and "Connection list:" in text:
-                return parse_pluto(text, text)
+                return parse_pluto(text, text, text)
             return parse_statusall(text)
         except DaemonError as e:
             raise DaemonError(f"{self.path}: {e}") from None
@@ -1873,7 +1873,7 @@ _PLUTO_POLICY = re.compile(_PLUTO_LINE_PREFIX + r'"(?P<name>[^"]+)"(?:\[\d+\][^:
 # Every state, IKE or IPsec: "#9: "up-v2":500 STATE_V2_ESTABLISHED_CHILD_SA (established Child SA); ...;
 # IKE SA #5; ..." (5.x drops the STATE_V2_ prefix of IKEv2 states). The description in
 # parentheses says "established" exactly for the established ones in both versions.
-_PLUTO_STATE = re.compile(_PLUTO_LINE_PREFIX + r'#(?P<uid>\d+): "(?P<name>[^"]+)"(?:\[\d+\])?(?: \S+)?:\d+ '
+_PLUTO_STATE = re.compile(_PLUTO_LINE_PREFIX + r'#(?P<uid>\d+): "(?P<name>[^"]+)"(?:\[\d+\])?(?: (?P<peer>\S+))?:\d+ '
                           r"(?P<state>[A-Z][A-Z0-9_]+) \((?P<what>[^)]*)\)(?P<rest>[^\n]*)", re.MULTILINE)
 _PLUTO_CARRIER = re.compile(r"\b(?:IKE|ISAKMP) SA #(\d+)")
 _PLUTO_REKEY = re.compile(r"\b(?:REKEY|REPLACE) in (\d+)s")  # an IKE SA's next rekey or replacement
@@ -1881,17 +1881,26 @@ _PLUTO_CHILD_WORDS = ("QUICK", "CHILD", "IPSEC")  # IPsec SA states; the rest ar
 # Routing states of a conn that waits for traffic with a trap policy (auto=ondemand).
 _PLUTO_TRAPS = {"prospective erouted", "routed-ondemand"}
 _PLUTO_VERSION = re.compile(r"\bpluto_version=([^,\s]+)")
-# `ipsec whack --trafficstatus`: one line per established IPsec SA, exact bytes, no packets.
-_PLUTO_TRAFFIC = re.compile(_PLUTO_LINE_PREFIX + r'(?:006 )?#(?P<uid>\d+): "[^"]+"[^,]*, type=\w+, '
-                            r"add_time=\d+, inBytes=(?P<in>\d+), outBytes=(?P<out>\d+)", re.MULTILINE)
+# `ipsec whack --trafficstatus`: one line per established IPsec SA, exact bytes, no packets;
+# an XAuth user's name comes before the figures, the peer's IKE identity (quoted) and its
+# lease after them. Both names are the peer's: the figures are taken from the last place
+# they could stand before the identity, and the identity to the last quote.
+_PLUTO_TRAFFIC = re.compile(_PLUTO_LINE_PREFIX + r'(?:006 )?#(?P<uid>\d+): "[^"\n]+"[^,\n]*'
+                            r"(?:, username=(?P<user>[^\n]*))?, type=\w+, add_time=\d+, "
+                            r"inBytes=(?P<in>\d+), outBytes=(?P<out>\d+)[^\n]*?"
+                            r"(?:, id='(?P<id>[^\n]*)')?(?:, lease=(?P<lease>[0-9a-fA-F.:]+)/\d+)?$", re.MULTILINE)
+# `ipsec whack --addresspoolstatus`: "address pool 10.79.0.10-10.79.0.50: 41 addresses, 4 leases,
+# 2 in-use, 2 free (0 reusable)"; a free lease is kept for the client that left it.
+_PLUTO_POOL = re.compile(_PLUTO_LINE_PREFIX + r"address pool (?P<name>\S+): (?P<size>\d+) addresses, "
+                         r"(?P<leases>\d+) leases, (?P<online>\d+) in-use", re.MULTILINE)
 
 
-def parse_pluto(status: str, traffic: str) -> DaemonState:
-    """Parse `ipsec whack --status` and `ipsec whack --trafficstatus` (libreswan 4.x, 5.x)."""
+def parse_pluto(status: str, traffic: str, pools: str = "") -> DaemonState:
+    """Parse `ipsec whack --status`, `--trafficstatus` and `--addresspoolstatus` (libreswan 4.x, 5.x)."""
     if "Connection list:" not in status:
         raise DaemonError("no connection list in the output (is pluto running?)")
-    counted = {int(m.group("uid")): Traffic(int(m.group("in")), int(m.group("out")), None, None)
-               for m in _PLUTO_TRAFFIC.finditer(traffic)}
+    sa_lines = {int(m.group("uid")): m for m in _PLUTO_TRAFFIC.finditer(traffic)}
+    versions = {m.group("name"): m.group("version") for m in _PLUTO_POLICY.finditer(status)}
     ike: list[IkeSA] = []
     child: list[ChildSA] = []
     for m in _PLUTO_STATE.finditer(status):
@@ -1899,13 +1908,17 @@ def parse_pluto(status: str, traffic: str) -> DaemonState:
         established = "established" in m.group("what")
         if any(word in state for word in _PLUTO_CHILD_WORDS):
             carrier = _PLUTO_CARRIER.search(m.group("rest"))
+            line = sa_lines.get(uid)
             child.append(ChildSA(name, uid, "INSTALLED" if established else state,
-                                 int(carrier.group(1)) if carrier else -1, counted.get(uid, NO_PACKETS)))
+                                 int(carrier.group(1)) if carrier else -1,
+                                 Traffic(int(line.group("in")), int(line.group("out")), None, None) if line
+                                 else NO_PACKETS))
         else:
             rekeys = [float(r) for r in _PLUTO_REKEY.findall(m.group("rest"))]
             ike.append(IkeSA(name, uid, "ESTABLISHED" if established else "CONNECTING",
-                             next_rekey=min(rekeys, default=None) if established else None))
-    versions = {m.group("name"): m.group("version") for m in _PLUTO_POLICY.finditer(status)}
+                             next_rekey=min(rekeys, default=None) if established else None,
+                             remote_host=m.group("peer") or "", ike_version=versions.get(name, "")))
+    ike = _pluto_peers(ike, child, sa_lines)
     routed = set()
     configs: dict[str, TunnelConfig] = {}
     for m in _PLUTO_CONN.finditer(status):
@@ -1916,7 +1929,27 @@ def parse_pluto(status: str, traffic: str) -> DaemonState:
             configs[name] = _pluto_config(name, m.group("ends"), versions.get(name, ""))
     version = _PLUTO_VERSION.search(status)
     return DaemonState(ike, child, routed, configs=configs, version=version.group(1) if version else "",
-                       backend="pluto", counts_packets=False)
+                       backend="pluto", counts_packets=False,
+                       pools=[Pool(m.group("name"), int(m.group("size")), int(m.group("online")),
+                                   int(m.group("leases")) - int(m.group("online")))
+                              for m in _PLUTO_POOL.finditer(pools)])
+
+
+def _pluto_peers(ike: list[IkeSA], child: list[ChildSA], sa_lines: dict[int, re.Match[str]]) -> list[IkeSA]:
+    """Each IKE SA with its peer's identity, XAuth user and leases, which --trafficstatus
+    gives on the lines of the IPsec SAs it carries."""
+    found: dict[int, dict[str, Any]] = {}
+    for c in child:
+        line = sa_lines.get(c.uid)
+        if line is None:
+            continue
+        peer = found.setdefault(c.ike_uid, {"leases": {}})
+        peer.setdefault("remote_id", line.group("id") or "")
+        peer.setdefault("xauth_id", line.group("user") or "")
+        if line.group("lease"):
+            peer["leases"][line.group("lease")] = None
+    return [replace(sa, remote_id=found[sa.uid]["remote_id"], xauth_id=found[sa.uid]["xauth_id"],
+                    virtual_ips=tuple(found[sa.uid]["leases"])) if sa.uid in found else sa for sa in ike]
 
 
 def _pluto_config(name: str, ends: str, ike_version: str) -> TunnelConfig:
@@ -1960,8 +1993,8 @@ def run_command(command: list[str], timeout: float) -> tuple[str, str, int]:
 
 @dataclass(frozen=True)
 class PlutoDaemon:
-    """libreswan's pluto through `ipsec whack`: --status (conns, states), then --trafficstatus
-    (exact bytes), both within one timeout."""
+    """libreswan's pluto through `ipsec whack`: --status (conns, states), --trafficstatus
+    (exact bytes, peers' names and leases), then --addresspoolstatus, all within one timeout."""
 
     ipsec: str = "ipsec"
     timeout: float = 10.0
@@ -1969,13 +2002,13 @@ class PlutoDaemon:
     def query(self) -> DaemonState:
         deadline = time.monotonic() + self.timeout
         answers = []
-        for option in ("--status", "--trafficstatus"):
+        for option in ("--status", "--trafficstatus", "--addresspoolstatus"):
             command = [self.ipsec, "whack", option]
             try:
                 stdout, stderr, code = run_command(command, max(0.001, deadline - time.monotonic()))
             except CommandTimeout:
                 raise CommandTimeout(f"`{' '.join(command)}` did not answer within {self.timeout:g}s "
-                                     "(both whack queries together)") from None
+                                     "(the three whack queries together)") from None
             if code != 0:
                 said = (stderr.strip().splitlines() or stdout.strip().splitlines() or ["no output"])[-1]
                 raise DaemonError(f"`{' '.join(command)}` failed (exit {code}): {said}")

@@ -280,6 +280,12 @@ class LibreswanLab:
     def version(self) -> str:
         return SUITES[self.suite]
 
+    def collect(self, *more: str) -> str:
+        """The collector run inside the gateway guest, with that release's Python; the file's text."""
+        self.gateway.run("python3 /repo/ipsec_textfile.py --output /lab/textfile/ipsec.prom " + " ".join(more) + "\n",
+                         timeout=60)
+        return (self.gateway.labdir / "textfile/ipsec.prom").read_text()
+
     def destroy(self) -> None:
         for guest in (self.gateway, self.peer):
             guest.stop()

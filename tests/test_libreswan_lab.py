@@ -23,16 +23,9 @@ def pluto_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     lab.destroy()
 
 
-def collect(lab: libreswan_lab.LibreswanLab, *more: str) -> str:
-    """The collector run inside the gateway guest, with that release's Python; the file's text."""
-    lab.gateway.run("python3 /repo/ipsec_textfile.py --output /lab/textfile/ipsec.prom " + " ".join(more) + "\n",
-                    timeout=60)
-    return (lab.gateway.labdir / "textfile/ipsec.prom").read_text()
-
-
 @pytest.mark.parametrize("backend", ["pluto", "auto"])
 def test_every_state_from_pluto(pluto_lab: libreswan_lab.LibreswanLab, backend: str) -> None:
-    text = collect(pluto_lab, "--backend", backend)
+    text = pluto_lab.collect("--backend", backend)
     states = [line for line in pluto_lab.gateway.whack("--status").splitlines() if re.match(r"(?:000 )?#\d+: ", line)]
     assert by_tunnel(text, "ipsec_status") == libreswan_lab.STATES_EXPECTED, "\n".join(states)
     # The trap of auto=ondemand; ignored tunnels (the shunt) carry no figures.
@@ -47,16 +40,16 @@ def test_every_state_from_pluto(pluto_lab: libreswan_lab.LibreswanLab, backend: 
 
 
 def test_traffic_raises_the_byte_counters(pluto_lab: libreswan_lab.LibreswanLab) -> None:
-    before = collect(pluto_lab, "--backend", "pluto")
+    before = pluto_lab.collect("--backend", "pluto")
     count, size = 5, 1000
     pluto_lab.gateway.run(f"ping -c {count} -s {size} -i 0.2 -I 10.1.1.1 10.2.1.1\n", timeout=60)
-    after = collect(pluto_lab, "--backend", "pluto")
+    after = pluto_lab.collect("--backend", "pluto")
     for family in ("ipsec_out_bytes_total", "ipsec_in_bytes_total"):
         grown = by_tunnel(after, family)["up-v2"] - by_tunnel(before, family)["up-v2"]
         assert grown >= count * size, family
 
 
 def test_node_exporter_serves_the_file(pluto_lab: libreswan_lab.LibreswanLab) -> None:
-    collect(pluto_lab, "--backend", "pluto")
+    pluto_lab.collect("--backend", "pluto")
     scraped = scrape_once(pluto_lab.gateway.labdir / "textfile")
     assert by_tunnel(scraped, "ipsec_status") == libreswan_lab.STATES_EXPECTED

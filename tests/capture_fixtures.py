@@ -55,6 +55,13 @@ TRAFFIC = {
 }
 
 
+def recorded_vici(socket_path: str, workdir: Path) -> bytes:
+    """Every byte charon sends on the one connection of ipsec_textfile.ViciDaemon.ask()."""
+    with contextlib.closing(lab.ViciProxy(workdir / "recording.vici", socket_path)) as proxy:
+        ipsec_textfile.ViciDaemon(str(proxy.path)).ask()
+    return bytes(proxy.from_daemon)
+
+
 def capture(name: str, start: Callable[[Path], lab.Lab], describe: str) -> None:
     target = HERE / "fixtures" / name
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,10 +70,7 @@ def capture(name: str, start: Callable[[Path], lab.Lab], describe: str) -> None:
             for local, remote, count, size in TRAFFIC[name]:
                 lab.exchange_datagrams(gateway_lab, local, remote, count, size)
             statusall = gateway_lab.gateway.ipsec("statusall")
-            with contextlib.closing(lab.ViciProxy(Path(tmp) / "recording.vici",
-                                                  gateway_lab.gateway.vici_socket)) as proxy:
-                ipsec_textfile.ViciDaemon(str(proxy.path)).ask()
-            sent = bytes(proxy.from_daemon)
+            sent = recorded_vici(gateway_lab.gateway.vici_socket, Path(tmp))
             version = gateway_lab.gateway.ipsec("version").strip().splitlines()[0]
         finally:
             gateway_lab.destroy()
@@ -124,9 +128,7 @@ def capture_remote_access() -> None:
             ra.wait_established(len(ra_lab.KINDS) * RA_CLIENTS + 1 - len(RA_LEFT))
             statusall = ra.gateway.ipsec("statusall")
             leases = ra.gateway.ipsec("leases")
-            with contextlib.closing(lab.ViciProxy(Path(tmp) / "recording.vici", ra.gateway.vici_socket)) as proxy:
-                ipsec_textfile.ViciDaemon(str(proxy.path)).ask()
-            sent_by_charon = bytes(proxy.from_daemon)
+            sent_by_charon = recorded_vici(ra.gateway.vici_socket, Path(tmp))
             version = ra.gateway.ipsec("version").strip().splitlines()[0]
         finally:
             ra.destroy()

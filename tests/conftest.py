@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -146,10 +146,19 @@ def run_collector(
     )
 
 
+class Destroyable(Protocol):
+    def destroy(self) -> None: ...
+
+
+LabT = TypeVar("LabT", bound=Destroyable)
+
+
 @contextmanager
-def running_lab(start: Callable[[Path], lab.Lab], factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
+def running_lab(start: Callable[[Path], LabT], factory: pytest.TempPathFactory,
+                missing: Callable[[], list[str]] = lab.missing_tools, what: str = "the strongSwan lab"
+                ) -> Iterator[LabT]:
     """A lab from start(), destroyed when the block ends, however it ends."""
-    require(lab.missing_tools(), "the strongSwan lab")
+    require(missing(), what)
     started = start(factory.mktemp("lab"))
     try:
         yield started

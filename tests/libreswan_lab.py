@@ -474,31 +474,25 @@ RA_GATEWAY_CONF = """\
 config setup
 	ikev1-policy=accept
 
-conn rw
+conn %default
 	left=192.168.0.1
 	leftid=@gw.lab
 	leftsubnet=10.77.0.0/24
 	right=%any
-	rightaddresspool=10.79.0.10-10.79.0.50
 	leftmodecfgserver=yes
 	rightmodecfgclient=yes
 	authby=secret
 	auto=add
 
+conn rw
+	rightaddresspool=10.79.0.10-10.79.0.50
+
 conn xauth
 	ikev2=no
-	left=192.168.0.1
-	leftid=@gw.lab
-	leftsubnet=10.77.0.0/24
-	right=%any
 	rightaddresspool=10.80.0.10-10.80.0.50
 	leftxauthserver=yes
 	rightxauthclient=yes
 	xauthby=alwaysok
-	leftmodecfgserver=yes
-	rightmodecfgclient=yes
-	authby=secret
-	auto=add
 """
 
 

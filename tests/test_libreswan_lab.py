@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 
 import libreswan_lab
-from conftest import require
+from conftest import running_lab
 from node_exporter import scrape_once
 from promfile import by_tunnel, samples, value
 
@@ -17,10 +18,9 @@ from promfile import by_tunnel, samples, value
 @pytest.fixture(scope="module", params=sorted(libreswan_lab.SUITES))
 def pluto_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[libreswan_lab.LibreswanLab]:
-    require(libreswan_lab.missing_tools(), "the libreswan lab")
-    lab = libreswan_lab.start_states_lab(request.param, tmp_path_factory.mktemp(f"libreswan-{request.param}"))
-    yield lab
-    lab.destroy()
+    with running_lab(partial(libreswan_lab.start_states_lab, request.param), tmp_path_factory,
+                     libreswan_lab.missing_tools, "the libreswan lab") as started:
+        yield started
 
 
 @pytest.mark.parametrize("backend", ["pluto", "auto"])

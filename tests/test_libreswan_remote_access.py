@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 import capture_libreswan_ra_fixtures as capture
 import ipsec_textfile as it
 import libreswan_lab
-from conftest import FIXTURES, require, run_collector
+from conftest import FIXTURES, replay, running_lab
 from lab import wait_for
 from promfile import by_tunnel, samples
 
@@ -44,8 +45,7 @@ def pools(text: str) -> dict[tuple[str, str], float]:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_captured_gateway_reports_each_client_with_its_lease_and_own_traffic(version: str, tmp_path: Path) -> None:
     out = tmp_path / "ipsec.prom"
-    proc = run_collector("--config", str(fixture(version) / "ipsec.conf"), "--status-file",
-                         str(fixture(version) / "status.txt"), "--output", str(out))
+    proc = replay(fixture(version) / "ipsec.conf", out, status=fixture(version) / "status.txt")
     assert (proc.returncode, proc.stderr) == (0, "")
     text = out.read_text()
     # Both conns serve any peer: remote access, up, and one client per IKE SA (client3 left).
@@ -98,10 +98,9 @@ def test_hostile_names_in_trafficstatus_cannot_move_the_figures(version: str) ->
 @pytest.fixture(scope="module", params=sorted(libreswan_lab.SUITES))
 def ra_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[libreswan_lab.LibreswanLab]:
-    require(libreswan_lab.missing_tools(), "the libreswan lab")
-    lab = libreswan_lab.start_ra_lab(request.param, tmp_path_factory.mktemp(f"libreswan-ra-{request.param}"))
-    yield lab
-    lab.destroy()
+    with running_lab(partial(libreswan_lab.start_ra_lab, request.param), tmp_path_factory,
+                     libreswan_lab.missing_tools, "the libreswan lab") as started:
+        yield started
 
 
 def test_live_clients_traffic_and_leases(ra_lab: libreswan_lab.LibreswanLab) -> None:

@@ -152,9 +152,10 @@ def test_output_without_a_connection_list_is_an_error(text: str) -> None:
 
 
 FAKE_IPSEC = """#!/bin/sh
-# a stand-in for libreswan's ipsec: whack --status / --trafficstatus print the capture
+# a stand-in for libreswan's ipsec: whack --status / --trafficstatus / --addresspoolstatus
+# print the capture
 case "$*" in
-  "whack --status"|"whack --trafficstatus") cat {status}; exit {code};;
+  "whack --status"|"whack --trafficstatus"|"whack --addresspoolstatus") cat {status}; exit {code};;
   statusall) cat {statusall};;
   *) echo "ipsec: unknown command $*" >&2; exit 1;;
 esac

@@ -9,10 +9,8 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from prometheus_client import generate_latest
 import cert_lab
 import ipsec_textfile as it
 import lab
-from conftest import FIXTURES, require, run_collector
+from conftest import FIXTURES, FakeVici, require, run_collector, vici_packets
 from promfile import by_tunnel, samples
 
 CERTS = FIXTURES / "certificates"
@@ -183,46 +181,18 @@ def test_thousands_of_certificates_each_written(capsys: pytest.CaptureFixture[st
 STATES = FIXTURES / "states"
 
 
-def replaying_vici(path: Path, answer: dict[str, Any]) -> None:
-    """A VICI socket that answers one client from a captured conversation (states/vici.json),
-    then takes longer than the client waits over list-certs, as charon can with thousands."""
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
-
-    def serve() -> None:
-        client, _ = server.accept()
-        vici = it.ViciConnection(client, "replay", time.monotonic() + 60)
-        asked: list[str] = []
-        event = ""
-        try:
-            while True:
-                kind, name, _ = vici.receive()
-                if kind in (it._VICI_EVENT_REGISTER, it._VICI_EVENT_UNREGISTER):
-                    event = name
-                    vici.send(it._VICI_EVENT_CONFIRM, "")
-                    continue
-                if name == "list-certs":
-                    time.sleep(10)  # past the client's --timeout
-                    break
-                key = "stats-after" if name == "stats" and "stats" in asked else name
-                asked.append(name)
-                part = answer[key]
-                for message in part if isinstance(part, list) else []:
-                    vici.send(it._VICI_EVENT, event, message)
-                vici.send(it._VICI_CMD_RESPONSE, "", {} if isinstance(part, list) else part)
-        except (it.ViciError, OSError):
-            pass  # the client went away
-        finally:
-            client.close()
-            server.close()
-
-    threading.Thread(target=serve, daemon=True).start()
+def sent_before_the_certificates(fixture: Path) -> bytes:
+    """The bytes charon sent in a capture up to its answers to list-certs (the last command:
+    its register confirmation, events, response and unregister confirmation), which a charon
+    slow to list thousands of certificates has not sent yet when the client gives up."""
+    packets = vici_packets(fixture)
+    confirmations = [i for i, packet in enumerate(packets) if packet[0] == it._VICI_EVENT_CONFIRM]
+    return b"".join(len(packet).to_bytes(4, "big") + packet for packet in packets[: confirmations[-2]])
 
 
 def test_vici_slow_to_list_certificates_still_gives_every_tunnel(tmp_path: Path) -> None:
     sock = tmp_path / "charon.vici"
-    replaying_vici(sock, json.loads((STATES / "vici.json").read_text()))
+    FakeVici(sock, sent_before_the_certificates(STATES), once=True)
     proc = run_collector("--config", str(STATES / "etc" / "ipsec.conf"), "--output", "-", "--backend", "vici",
                          "--vici-socket", str(sock), "--timeout", "2")
     assert proc.returncode == 0

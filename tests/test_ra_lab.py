@@ -147,13 +147,14 @@ def test_hostile_client_names_from_a_real_peer_make_a_valid_file(ra: ra_lab.RaLa
         assert established == 4 * CLIENTS + 1 + len(ra_lab.HOSTILE_CLIENTS)
 
 
-def test_vici_asks_stroke_once_for_ipsec_conf_pools_and_stroke_asks_nothing_more(
+def test_vici_asks_stroke_once_for_ipsec_conf_pools_and_stroke_nothing_more_for_them(
         ra: ra_lab.RaLab, tmp_path: Path) -> None:
     calls = tmp_path / "calls"
     counting = tmp_path / "counting-ipsec"
     counting.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec ipsec "$@"\n')
     counting.chmod(0o755)
-    for backend, asked in (("vici", "leases\n"), ("auto", "leases\n"), ("stroke", "statusall\n")):
+    # stroke's second query is the certificates' (`listall --utc`), not the pools'.
+    for backend, asked in (("vici", "leases\n"), ("auto", "leases\n"), ("stroke", "statusall\nlistall --utc\n")):
         calls.write_text("")
         text = collect(ra, backend, "--ipsec", str(counting))
         assert calls.read_text() == asked, backend

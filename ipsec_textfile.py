@@ -2351,9 +2351,10 @@ example cron line (/etc/cron.d/ipsec-textfile):
     parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="PATH",
                         help="the .prom file to replace, or - for stdout (default: %(default)s)")
     parser.add_argument("--backend", choices=("auto", "stroke", "vici", "pluto"), default="auto",
-                        help="how to ask the IKE daemon: stroke runs `ipsec statusall` (strongSwan's "
-                             "charon); vici talks to charon's VICI socket, as swanctl does; pluto runs "
-                             "`ipsec whack --status` and `--trafficstatus` (libreswan); auto uses VICI "
+                        help="how to ask the IKE daemon: stroke runs `ipsec statusall` and `ipsec listall "
+                             "--utc` (strongSwan's charon); vici talks to charon's VICI socket, as swanctl does; "
+                             "pluto runs `ipsec whack --status`, `--trafficstatus` and `--listcerts --listcacerts "
+                             "--listcrls` (libreswan); auto uses VICI "
                              f"when its socket accepts a connection, else pluto when {DEFAULT_PLUTO_SOCKET} "
                              "does and charon's stroke socket is absent, else stroke (default: %(default)s)")
     parser.add_argument("--ipsec", default="ipsec", metavar="PATH",
@@ -2361,7 +2362,9 @@ example cron line (/etc/cron.d/ipsec-textfile):
     parser.add_argument("--vici-socket", default=DEFAULT_VICI_SOCKET, metavar="PATH",
                         help="charon's VICI socket (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="how long the daemon may take to answer (default: %(default)s)")
+                        help="how long the daemon may take to answer (default: %(default)s); the certificates "
+                             "are asked last: when they are not listed in time, the tunnels are written and a "
+                             "warning says so")
     parser.add_argument("--lock-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long to wait for an overlapping run's lock (default: %(default)s)")
     parser.add_argument("--status-file", metavar="PATH",

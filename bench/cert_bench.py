@@ -47,7 +47,7 @@ def timed(command: list[str], said: list[str]) -> float:
     elapsed = time.perf_counter() - started
     if proc.returncode != 0 or proc.stderr:
         said.append(f"{command[-3] if len(command) > 3 else command[0]}: exit {proc.returncode}: "
-                    f"{proc.stderr.strip()[-300:]}")
+                    f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
     return elapsed
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import calendar
-import dataclasses
 import errno
 import fcntl
 import glob
@@ -1367,7 +1366,7 @@ class StrokeDaemon:
             warn(certificates_late(self.timeout))
             return state
         certificates, crls = parse_certificate_listing(listing)
-        return dataclasses.replace(state, certificates=certificates, crls=crls)
+        return replace(state, certificates=certificates, crls=crls)
 
 
 def certificates_late(timeout: float) -> str:
@@ -1991,10 +1990,51 @@ def run_command(command: list[str], timeout: float) -> tuple[str, str, int]:
     return stdout, stderr, proc.returncode
 
 
+# `ipsec whack --listcerts --listcacerts --listcrls`: what pluto's NSS database holds, times
+# in UTC ("Tue Dec 01 04:03:24 2026"). A certificate opens with "[Root ]CA certificate" or
+# "End certificate", its nickname and serial ("0x8a01"); a CRL with "issuer:".
+_PLUTO_TIME = r"([A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4})"
+_PLUTO_CERT = re.compile(
+    _PLUTO_LINE_PREFIX + r"(?P<kind>Root CA|CA|End) certificate \"[^\n]*\" - SN: 0x(?P<serial>[0-9a-fA-F]+)\n"
+    r"(?:000 )?  subject: (?P<subject>[^\n]*)\n(?:000 )?  issuer: (?P<issuer>[^\n]*)\n"
+    r"(?:000 )?  not before: " + _PLUTO_TIME + r"\n(?:000 )?  not after: " + _PLUTO_TIME + "$", re.MULTILINE)
+_PLUTO_CRL = re.compile(_PLUTO_LINE_PREFIX + r"issuer: (?P<issuer>[^\n]*)\n(?:000 )?revoked certs: \d+\n"
+                        r"(?:000 )?updates: this [^\n]*\n(?:000 )? +next " + _PLUTO_TIME + "$", re.MULTILINE)
+_PLUTO_CERT_TYPES = {"Root CA": "ca", "CA": "intermediate", "End": "end-entity"}
+_PLUTO_CERT_HEADER = re.compile(_PLUTO_LINE_PREFIX + r"(?:Root CA|CA|End) certificate \"", re.MULTILINE)
+
+
+def _pluto_time(text: str) -> float:
+    return float(calendar.timegm(time.strptime(text, "%a %b %d %H:%M:%S %Y")))
+
+
+def _pluto_serial(digits: str) -> str:
+    """NSS's serial (DER content, "0x008a01") as strongSwan prints one: "8a:01"."""
+    raw = bytes.fromhex(digits if len(digits) % 2 == 0 else "0" + digits)
+    if len(raw) > 1 and raw[0] == 0 and raw[1] & 0x80:  # the sign byte of a serial with its high bit set
+        raw = raw[1:]
+    return ":".join(f"{byte:02x}" for byte in raw)
+
+
+def parse_pluto_certificates(text: str) -> tuple[list[Certificate], list[Crl]]:
+    """The certificates and CRLs in `ipsec whack --listcerts --listcacerts --listcrls`; a
+    certificate whose lines are not as expected is left out with a warning."""
+    certificates = [Certificate(m["subject"], m["issuer"], _pluto_serial(m["serial"]),
+                                _PLUTO_CERT_TYPES[m["kind"]], _pluto_time(m.group(5)), _pluto_time(m.group(6)))
+                    for m in _PLUTO_CERT.finditer(text)]
+    listed = len(_PLUTO_CERT_HEADER.findall(text))
+    if listed > len(certificates):
+        warn(f"{listed - len(certificates)} of the {listed} certificates `ipsec whack --listcerts` listed lack a "
+             "subject, issuer or validity where expected and are left out")
+    crls = [Crl(m["issuer"], _pluto_time(m.group(2))) for m in _PLUTO_CRL.finditer(text)]
+    return certificates, crls
+
+
 @dataclass(frozen=True)
 class PlutoDaemon:
     """libreswan's pluto through `ipsec whack`: --status (conns, states), --trafficstatus
-    (exact bytes, peers' names and leases), then --addresspoolstatus, all within one timeout."""
+    (exact bytes, peers' names and leases), --addresspoolstatus, then what its NSS database
+    holds, all within one timeout."""
 
     ipsec: str = "ipsec"
     timeout: float = 10.0
@@ -2013,7 +2053,15 @@ class PlutoDaemon:
                 said = (stderr.strip().splitlines() or stdout.strip().splitlines() or ["no output"])[-1]
                 raise DaemonError(f"`{' '.join(command)}` failed (exit {code}): {said}")
             answers.append(stdout)
-        return parse_pluto(*answers)
+        state = parse_pluto(*answers)
+        try:
+            listing, _, _ = run_command([self.ipsec, "whack", "--listcerts", "--listcacerts", "--listcrls"],
+                                        max(0.001, deadline - time.monotonic()))
+        except CommandTimeout:
+            warn(certificates_late(self.timeout))
+            return state
+        certificates, crls = parse_pluto_certificates(listing)
+        return replace(state, certificates=certificates, crls=crls)
 
 
 # ---------------------------------------------------------------- query daemon: auto
@@ -2644,9 +2692,10 @@ example cron line (/etc/cron.d/ipsec-textfile):
     parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="PATH",
                         help="the .prom file to replace, or - for stdout (default: %(default)s)")
     parser.add_argument("--backend", choices=("auto", "stroke", "vici", "pluto"), default="auto",
-                        help="how to ask the IKE daemon: stroke runs `ipsec statusall` (strongSwan's "
-                             "charon); vici talks to charon's VICI socket, as swanctl does; pluto runs "
-                             "`ipsec whack --status` and `--trafficstatus` (libreswan); auto uses VICI "
+                        help="how to ask the IKE daemon: stroke runs `ipsec statusall` and `ipsec listall "
+                             "--utc` (strongSwan's charon); vici talks to charon's VICI socket, as swanctl does; "
+                             "pluto runs `ipsec whack --status`, `--trafficstatus` and `--listcerts --listcacerts "
+                             "--listcrls` (libreswan); auto uses VICI "
                              f"when its socket accepts a connection, else pluto when {DEFAULT_PLUTO_SOCKET} "
                              "does and charon's stroke socket is absent, else stroke (default: %(default)s)")
     parser.add_argument("--ipsec", default="ipsec", metavar="PATH",
@@ -2654,7 +2703,9 @@ example cron line (/etc/cron.d/ipsec-textfile):
     parser.add_argument("--vici-socket", default=DEFAULT_VICI_SOCKET, metavar="PATH",
                         help="charon's VICI socket (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="how long the daemon may take to answer (default: %(default)s)")
+                        help="how long the daemon may take to answer (default: %(default)s); the certificates "
+                             "are asked last: when they are not listed in time, the tunnels are written and a "
+                             "warning says so")
     parser.add_argument("--lock-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long to wait for an overlapping run's lock (default: %(default)s)")
     parser.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",

@@ -16,6 +16,13 @@ charon back to back for what it holds, once through stroke and once through VICI
                            validity, as the collector must report them
         etc/...            the gateway's ipsec.conf and ipsec.d (certificates, CRLs; no keys)
         CAPTURE.md         command, version, date
+
+    sudo python3 tests/capture_cert_fixtures.py --libreswan
+
+does the same in each libreswan lab (cert_lab.start_libreswan_cert_lab, libreswan 4.10
+and 5.2): tests/fixtures/certificates/libreswan-VERSION/ holds listing.txt (what
+`ipsec whack --listcerts --listcacerts --listcrls` printed on the gateway guest),
+expected.json and README.
 """
 
 from __future__ import annotations
@@ -34,11 +41,40 @@ sys.path.insert(0, str(HERE.parent))
 
 import cert_lab
 import ipsec_textfile
+import libreswan_lab
 
 TARGET = HERE / "fixtures" / "certificates"
 
 
+def capture_libreswan() -> None:
+    for suite, version in sorted(libreswan_lab.SUITES.items()):
+        with tempfile.TemporaryDirectory() as tmp:
+            lab, certificates, crls = cert_lab.start_libreswan_cert_lab(suite, Path(tmp))
+            try:
+                # Into a file: libreswan 5.2 prints a name's bytes as they are, not always UTF-8.
+                lab.gateway.run(f"{cert_lab.LISTING} > /lab/listing.txt\n")
+                listing = (lab.gateway.labdir / "listing.txt").read_bytes()
+            finally:
+                lab.destroy()
+        target = TARGET / f"libreswan-{version}"
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "listing.txt").write_bytes(listing)
+        expected = {"certificates": [dataclasses.asdict(c) for c in certificates],
+                    "crls": [dataclasses.asdict(c) for c in crls]}
+        (target / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+        (target / "README").write_text(
+            f"Captured {datetime.date.today().isoformat()} by `python3 tests/capture_cert_fixtures.py --libreswan` "
+            f"from the libreswan lab (Debian {suite}, libreswan {version}): `cert_lab.make_pki`'s certificates\n"
+            "and CRLs imported into the gateway guest's NSS database (cert_lab.start_libreswan_cert_lab), then\n"
+            f"  {cert_lab.LISTING} > listing.txt\n"
+            "expected.json is what make_pki issued.\n")
+        print(f"wrote {target}")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--libreswan"]:
+        capture_libreswan()
+        return
     with tempfile.TemporaryDirectory() as tmp:
         started = cert_lab.start_cert_lab(Path(tmp))
         try:

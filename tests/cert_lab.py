@@ -18,6 +18,9 @@ validity times (pki runs in UTC, so each time given is the time written):
 The gateway's charon runs in GATEWAY_TZ, +05:45 from UTC, so that a reader that took
 stroke's times for UTC, or for the reader's own zone, is off by hours and minutes.
 
+start_libreswan_cert_lab puts the same certificates and CRLs into the NSS database of
+libreswan_lab's gateway guest.
+
 Needs what tests/lab.py needs, and strongswan-pki.
 """
 
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lab
+import libreswan_lab
 
 GATEWAY_TZ = "Asia/Kathmandu"  # +05:45, no daylight saving time
 DAY = 86400
@@ -252,3 +256,28 @@ def start_cert_lab(workdir: Path, bulk: int = 0) -> CertLab:
         cert_lab.destroy()
         raise
     return cert_lab
+
+
+# ---- libreswan: the same certificates and CRLs in pluto's NSS database (UML lab)
+
+NSS = "sql:/var/lib/ipsec/nss"
+LISTING = "ipsec whack --listcerts --listcacerts --listcrls"
+
+
+def start_libreswan_cert_lab(suite: str, workdir: Path
+                             ) -> tuple[libreswan_lab.LibreswanLab, list[Issued], list[IssuedCrl]]:
+    """libreswan_lab's gateway and peer guests (no conn), make_pki's certificates and CRLs
+    imported into the gateway's NSS database while its pluto runs (it reads them live): CAs
+    trusted (CT,,), the others as peers' (P,,)."""
+    lab = libreswan_lab.boot(suite, workdir, "config setup\n", "config setup\n", [], [])
+    try:
+        certificates, crls = make_pki(lab.gateway.labdir / "pki", int(time.time()))
+        imports = "".join(f"certutil -A -d {NSS} -n {c.file[:-4]} -t {'P,,' if c.type == 'end-entity' else 'CT,,'} "
+                          f"-i /lab/pki/{c.file}\n" for c in certificates)
+        # -B: no check of the CRL's signature or dates (one is past its next update on purpose)
+        imports += "".join(f"crlutil -I -d {NSS} -B -i /lab/pki/{c.file}\n" for c in crls)
+        lab.gateway.run(imports, timeout=120)
+    except BaseException:
+        lab.destroy()
+        raise
+    return lab, certificates, crls

@@ -66,7 +66,12 @@ class Kind:
     def include(self) -> list[str]:
         """The root's packages: README's apt-get install is then a no-op, which a gateway without
         network needs."""
-        return sorted({*SYSTEM_PACKAGES, *self.packages, *readme_apt_packages(readme_install_block())})
+        packages = {*SYSTEM_PACKAGES, *self.packages, *readme_apt_packages(readme_install_block())}
+        if "python3-cryptography" in packages:
+            # It depends on virtual packages (python3-cffi-backend-api-*) that debootstrap does
+            # not resolve; apt would pick their provider, python3-cffi-backend.
+            packages.add("python3-cffi-backend")
+        return sorted(packages)
 
     @property
     def expected(self) -> dict[str, int]:

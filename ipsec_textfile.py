@@ -1360,19 +1360,28 @@ class StrokeDaemon:
         except DaemonError as e:
             said = (stderr.strip().splitlines() or [str(e)])[-1]
             raise DaemonError(f"`{' '.join(command)}` gave no usable daemon status (exit {code}): {said}") from None
-        try:
-            listing, _, _ = run_command([self.ipsec, "listall", "--utc"], max(0.001, deadline - time.monotonic()))
-        except CommandTimeout:
-            warn(certificates_late(self.timeout))
-            return state
-        certificates, crls = parse_certificate_listing(listing)
-        return replace(state, certificates=certificates, crls=crls)
+        return with_listed_certificates(state, [self.ipsec, "listall", "--utc"], parse_certificate_listing,
+                                        deadline, self.timeout)
 
 
 def certificates_late(timeout: float) -> str:
     """The tunnels came in time, the certificates did not (charon lists thousands slowly)."""
     return (f"the daemon did not list its certificates within {timeout:g}s (with the tunnels): the tunnels "
             "are written, no certificate series this run; a longer --timeout gives it time")
+
+
+def with_listed_certificates(state: DaemonState, command: list[str],
+                             parse: Callable[[str], tuple[list[Certificate], list[Crl]]],
+                             deadline: float, timeout: float) -> DaemonState:
+    """state with the certificates and CRLs a listing command prints, asked last, in what is
+    left of the run's deadline; when it does not answer by then, state as it is (warned)."""
+    try:
+        listing, _, _ = run_command(command, max(0.001, deadline - time.monotonic()))
+    except CommandTimeout:
+        warn(certificates_late(timeout))
+        return state
+    certificates, crls = parse(listing)
+    return replace(state, certificates=certificates, crls=crls)
 
 
 _LEASES_POOL = re.compile(r"^Leases in pool '(?P<name>[^\n]*)', usage: (?P<used>\d+)/(?P<size>\d+), "
@@ -1445,7 +1454,8 @@ def parse_vici(answer: dict[str, Any]) -> DaemonState:
     """One snapshot from the VICI answers ViciDaemon collects (bytes decoded to str).
 
     answer: "version", "stats", "list-sas", "list-policies", "list-conns", "get-pools"
-    (only pools loaded over VICI), then "stats-after": stats again, taken after list-sas.
+    (only pools loaded over VICI), "list-certs", then "stats-after": stats again, taken after
+    list-sas.
     """
     ike: list[IkeSA] = []
     child: list[ChildSA] = []
@@ -1480,9 +1490,8 @@ def parse_vici(answer: dict[str, Any]) -> DaemonState:
                                                       ",".join(c.get("remote-ts", [])), conn.get("version", "")))
     routed = {p["child"] for event in answer["list-policies"] for p in event.values()
               if p.get("mode") not in _VICI_SHUNT_MODES}
-    # Fixtures captured before pools were asked for have no get-pools; neither has a pool then.
     pools = [Pool(name, int(p["size"]), int(p["online"]), int(p["offline"]))
-             for name, p in answer.get("get-pools", {}).items()]
+             for name, p in answer["get-pools"].items()]
     certificates, crls = vici_certificates(answer["list-certs"])
     return DaemonState(ike, child, routed, loaded, configs, version=answer["version"].get("version", ""),
                        uptime=_uptime(answer["stats"].get("uptime", {}).get("since", "")), backend="vici",
@@ -2053,15 +2062,9 @@ class PlutoDaemon:
                 said = (stderr.strip().splitlines() or stdout.strip().splitlines() or ["no output"])[-1]
                 raise DaemonError(f"`{' '.join(command)}` failed (exit {code}): {said}")
             answers.append(stdout)
-        state = parse_pluto(*answers)
-        try:
-            listing, _, _ = run_command([self.ipsec, "whack", "--listcerts", "--listcacerts", "--listcrls"],
-                                        max(0.001, deadline - time.monotonic()))
-        except CommandTimeout:
-            warn(certificates_late(self.timeout))
-            return state
-        certificates, crls = parse_pluto_certificates(listing)
-        return replace(state, certificates=certificates, crls=crls)
+        return with_listed_certificates(parse_pluto(*answers),
+                                        [self.ipsec, "whack", "--listcerts", "--listcacerts", "--listcrls"],
+                                        parse_pluto_certificates, deadline, self.timeout)
 
 
 # ---------------------------------------------------------------- query daemon: auto
@@ -2694,8 +2697,8 @@ example cron line (/etc/cron.d/ipsec-textfile):
     parser.add_argument("--backend", choices=("auto", "stroke", "vici", "pluto"), default="auto",
                         help="how to ask the IKE daemon: stroke runs `ipsec statusall` and `ipsec listall "
                              "--utc` (strongSwan's charon); vici talks to charon's VICI socket, as swanctl does; "
-                             "pluto runs `ipsec whack --status`, `--trafficstatus` and `--listcerts --listcacerts "
-                             "--listcrls` (libreswan); auto uses VICI "
+                             "pluto runs `ipsec whack --status`, `--trafficstatus`, `--addresspoolstatus` and "
+                             "`--listcerts --listcacerts --listcrls` (libreswan); auto uses VICI "
                              f"when its socket accepts a connection, else pluto when {DEFAULT_PLUTO_SOCKET} "
                              "does and charon's stroke socket is absent, else stroke (default: %(default)s)")
     parser.add_argument("--ipsec", default="ipsec", metavar="PATH",
@@ -2715,7 +2718,7 @@ example cron line (/etc/cron.d/ipsec-textfile):
     parser.add_argument("--status-file", metavar="PATH",
                         help="read a saved daemon answer instead of asking the daemon (replaces "
                              "--backend): `ipsec statusall` output, or for libreswan `ipsec whack "
-                             "--status` followed by `ipsec whack --trafficstatus` in one file")
+                             "--status` followed by `ipsec whack --trafficstatus` (and `--addresspoolstatus`) in one file")
     return parser.parse_args(argv)
 
 

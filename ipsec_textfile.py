@@ -61,10 +61,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Dict, Protocol, cast
 
-from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
-
-if TYPE_CHECKING:  # for the type checker only: the runtime needs nothing from here
+# prometheus_client is imported where the metrics are built, not here: main() loads it while
+# the daemon works on its answer, which hides most of its 40 ms import.
+if TYPE_CHECKING:  # for the type checker only
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
     from prometheus_client.registry import Collector
 
 DEFAULT_CONFIG = "/etc/ipsec.conf"
@@ -1120,7 +1121,10 @@ class DaemonState:
 
 
 class Daemon(Protocol):
-    def query(self) -> DaemonState: ...
+    def ask(self) -> Callable[[], DaemonState]:
+        """Send the questions and return at once; calling the result reads the answers. In
+        between the daemon works on them (charon takes about 45 ms for 1000 IKE SAs) while the
+        run loads prometheus_client."""
 
 
 # ---------------------------------------------------------------- query daemon: stroke
@@ -1349,19 +1353,24 @@ class StrokeDaemon:
     ipsec: str = "ipsec"
     timeout: float = 10.0
 
-    def query(self) -> DaemonState:
+    def ask(self) -> Callable[[], DaemonState]:
         deadline = time.monotonic() + self.timeout
-        command = [self.ipsec, "statusall"]
-        stdout, stderr, code = run_command(command, self.timeout)
-        # The wrapper's exit status says whether starter runs, not whether the
-        # query worked: the output decides.
-        try:
-            state = parse_statusall(stdout)
-        except DaemonError as e:
-            said = (stderr.strip().splitlines() or [str(e)])[-1]
-            raise DaemonError(f"`{' '.join(command)}` gave no usable daemon status (exit {code}): {said}") from None
-        return with_listed_certificates(state, [self.ipsec, "listall", "--utc"], parse_certificate_listing,
-                                        deadline, self.timeout)
+        statusall = start_command([self.ipsec, "statusall"], deadline, self.timeout)
+
+        def read() -> DaemonState:
+            stdout, stderr, code = statusall.finish()
+            # The wrapper's exit status says whether starter runs, not whether the
+            # query worked: the output decides.
+            try:
+                state = parse_statusall(stdout)
+            except DaemonError as e:
+                said = (stderr.strip().splitlines() or [str(e)])[-1]
+                raise DaemonError(f"`{' '.join(statusall.command)}` gave no usable daemon status (exit {code}): "
+                                  f"{said}") from None
+            return with_listed_certificates(state, [self.ipsec, "listall", "--utc"], parse_certificate_listing,
+                                            deadline, self.timeout)
+
+        return read
 
 
 def certificates_late(timeout: float) -> str:
@@ -1376,7 +1385,7 @@ def with_listed_certificates(state: DaemonState, command: list[str],
     """state with the certificates and CRLs a listing command prints, asked last, in what is
     left of the run's deadline; when it does not answer by then, state as it is (warned)."""
     try:
-        listing, _, _ = run_command(command, max(0.001, deadline - time.monotonic()))
+        listing, _, _ = start_command(command, deadline, timeout).finish()
     except CommandTimeout:
         warn(certificates_late(timeout))
         return state
@@ -1397,21 +1406,29 @@ def parse_stroke_leases(text: str) -> list[Pool]:
 @dataclass(frozen=True)
 class StrokePools:
     """The pools of ipsec.conf's rightsourceip, which charon keeps in its stroke plugin:
-    VICI's get-pools does not list them. One `ipsec leases` when charon's stroke socket exists."""
+    VICI's get-pools does not list them. One `ipsec leases` when charon's stroke socket exists,
+    run while charon answers VICI, within the same deadline."""
 
     ipsec: str = "ipsec"
-    timeout: float = 10.0
     stroke_socket: str = DEFAULT_STROKE_SOCKET
 
-    def query(self) -> list[Pool]:
+    def ask(self, deadline: float, timeout: float) -> RunningCommand | None:
         if not os.path.exists(self.stroke_socket) or shutil.which(self.ipsec) is None:
-            return []
+            return None
         try:
-            stdout, _, _ = run_command([self.ipsec, "leases"], self.timeout)
+            return start_command([self.ipsec, "leases"], deadline, timeout)
         except DaemonError as e:
             warn(f"{e}; ipsec.conf's address pools left out")  # the tunnels are VICI's, and known
-            return []
-        return parse_stroke_leases(stdout)
+            return None
+
+
+def read_stroke_pools(leases: RunningCommand) -> list[Pool]:
+    try:
+        stdout, _, _ = leases.finish()
+    except DaemonError as e:
+        warn(f"{e}; ipsec.conf's address pools left out")
+        return []
+    return parse_stroke_leases(stdout)
 
 
 @dataclass(frozen=True)
@@ -1422,7 +1439,10 @@ class StatusFile:
 
     path: str
 
-    def query(self) -> DaemonState:
+    def ask(self) -> Callable[[], DaemonState]:
+        return self.read
+
+    def read(self) -> DaemonState:
         try:
             with open(self.path, encoding="utf-8", errors="replace") as f:
                 text = f.read()
@@ -1770,24 +1790,24 @@ class ViciConnection:
         except ViciError as e:
             raise ViciError(f"VICI at {self.where} sent a malformed message: {e}") from None
 
-    def request(self, command: str, message: ViciMessage | None = None) -> ViciMessage:
+    def ask(self, command: str, event: str | None = None, message: ViciMessage | None = None) -> None:
+        """Send a command; for one that answers with an event per item (list-sas: one per IKE
+        SA), register for its event before and unregister after. charon answers a connection's
+        packets in the order they came (since 5.2), so every question can be sent at once."""
+        if event is not None:
+            self.send(_VICI_EVENT_REGISTER, event)
         self.send(_VICI_CMD_REQUEST, command, message)
+        if event is not None:
+            self.send(_VICI_EVENT_UNREGISTER, event)
+
+    def response(self, command: str) -> ViciMessage:
+        """The answer to a command asked without an event."""
         return self._response(command, self.receive())
 
-    def _response(self, command: str, packet: tuple[int, str, bytes]) -> ViciMessage:
-        kind, _, body = packet
-        if kind == _VICI_CMD_UNKNOWN:
-            raise ViciError(f"charon's VICI does not know the command {command}")
-        if kind != _VICI_CMD_RESPONSE:
-            raise ViciError(f"VICI at {self.where} answered {command} with a packet of type {kind}")
-        return self.decode(body)
-
-    def stream(self, command: str, event: str, message: ViciMessage | None = None,
-               errors: str = "replace") -> list[ViciMessage]:
-        """A command that answers with one event per item (list-sas: one per IKE SA); errors
-        as in vici_decode."""
-        self._confirm(_VICI_EVENT_REGISTER, event)
-        self.send(_VICI_CMD_REQUEST, command, message)
+    def events(self, command: str, event: str, errors: str = "replace") -> list[ViciMessage]:
+        """The answer to a command asked with its event: the events, then the command's own
+        response; errors as in vici_decode."""
+        self._confirm(event)
         events = []
         while True:
             packet = self.receive()
@@ -1797,16 +1817,36 @@ class ViciConnection:
                 raise ViciError(f"VICI at {self.where} sent event {packet[1]} during {command}")
             events.append(self.decode(packet[2], errors))
         self._response(command, packet)
-        self._confirm(_VICI_EVENT_UNREGISTER, event)
+        self._confirm(event)
         return events
 
-    def _confirm(self, kind: int, event: str) -> None:
-        self.send(kind, event)
+    def _response(self, command: str, packet: tuple[int, str, bytes]) -> ViciMessage:
+        kind, _, body = packet
+        if kind == _VICI_CMD_UNKNOWN:
+            raise ViciError(f"charon's VICI does not know the command {command}")
+        if kind != _VICI_CMD_RESPONSE:
+            raise ViciError(f"VICI at {self.where} answered {command} with a packet of type {kind}")
+        return self.decode(body)
+
+    def _confirm(self, event: str) -> None:
         answer = self.receive()[0]
         if answer == _VICI_EVENT_UNKNOWN:
             raise ViciError(f"charon's VICI does not know the event {event}")
         if answer != _VICI_EVENT_CONFIRM:
             raise ViciError(f"VICI at {self.where} answered the event {event} with a packet of type {answer}")
+
+
+# What a run asks charon, in this order: the answer's key, the command, the event it streams
+# (None: one response), its message. list-certs comes after these, last, as it may be late.
+_VICI_QUESTIONS: list[tuple[str, str, str | None, ViciMessage | None]] = [
+    ("version", "version", None, None),
+    ("stats", "stats", None, None),
+    ("list-sas", "list-sas", "list-sa", None),
+    ("stats-after", "stats", None, None),  # did list-sas leave an IKE SA out? (parse_vici)
+    ("list-policies", "list-policies", "list-policy", {"trap": "yes", "pass": "yes", "drop": "yes"}),
+    ("list-conns", "list-conns", "list-conn", None),
+    ("get-pools", "get-pools", None, None),
+]
 
 
 @dataclass(frozen=True)
@@ -1817,53 +1857,77 @@ class ViciDaemon:
     timeout: float = 10.0
     stroke_pools: StrokePools | None = None  # ipsec.conf's pools, which VICI does not list
 
-    def query(self) -> DaemonState:
-        answer = self.ask()
+    def ask(self) -> Callable[[], DaemonState]:
+        deadline = time.monotonic() + self.timeout
+        read_answers = self.send_questions(deadline)
+        leases = self.stroke_pools.ask(deadline, self.timeout) if self.stroke_pools is not None else None
+
+        def read() -> DaemonState:
+            try:
+                state = self._parse(read_answers())
+            except BaseException:
+                if leases is not None:
+                    leases.stop()
+                raise
+            return state if leases is None else replace(state, pools=state.pools + read_stroke_pools(leases))
+
+        return read
+
+    def _parse(self, answer: dict[str, Any]) -> DaemonState:
         try:
-            state = parse_vici(answer)
+            return parse_vici(answer)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             # Another strongSwan version's answer, without a field this one relies on.
             raise DaemonError(f"unexpected VICI answer from {self.socket_path}: "
                               f"{type(e).__name__} {e}") from None
-        if self.stroke_pools is None:
-            return state
-        return replace(state, pools=state.pools + self.stroke_pools.query())
 
-    def ask(self) -> dict[str, Any]:
-        """The answers parse_vici reads, all within the timeout."""
-        deadline = time.monotonic() + self.timeout
+    def send_questions(self, deadline: float) -> Callable[[], dict[str, Any]]:
+        """Connect and send every question; the result reads the answers parse_vici reads,
+        all by the deadline."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
+        vici = ViciConnection(sock, self.socket_path, deadline)
+        with self._conversation(sock, closing=False):
             sock.settimeout(self.timeout)
             try:
                 sock.connect(self.socket_path)
             except OSError as e:
                 raise ViciUnreachable(f"cannot connect to VICI at {self.socket_path}: "
                                       f"{e.strerror or e}") from None
-            vici = ViciConnection(sock, self.socket_path, deadline)
-            answer: dict[str, Any] = {
-                "version": vici.request("version"),
-                "stats": vici.request("stats"),
-                "list-sas": vici.stream("list-sas", "list-sa"),
-                "stats-after": vici.request("stats"),
-                "list-policies": vici.stream("list-policies", "list-policy",
-                                             {"trap": "yes", "pass": "yes", "drop": "yes"}),
-                "list-conns": vici.stream("list-conns", "list-conn"),
-                "get-pools": vici.request("get-pools"),
-            }
-            try:
-                # DER in "data": decoded so that it can be encoded back to the same bytes
-                answer["list-certs"] = vici.stream("list-certs", "list-cert", {"type": "ANY"},
-                                                   errors="surrogateescape")
-            except socket.timeout:
-                answer["list-certs"] = []
-                warn(certificates_late(self.timeout))
-            return answer
+            for _, command, event, message in _VICI_QUESTIONS:
+                vici.ask(command, event, message)
+            vici.ask("list-certs", "list-cert", {"type": "ANY"})
+
+        def read_answers() -> dict[str, Any]:
+            with self._conversation(sock, closing=True):
+                answer: dict[str, Any] = {
+                    key: vici.response(command) if event is None else vici.events(command, event)
+                    for key, command, event, _ in _VICI_QUESTIONS}
+                try:
+                    # DER in "data": decoded so that it can be encoded back to the same bytes
+                    answer["list-certs"] = vici.events("list-certs", "list-cert", errors="surrogateescape")
+                except socket.timeout:
+                    answer["list-certs"] = []
+                    warn(certificates_late(self.timeout))
+                return answer
+
+        return read_answers
+
+    @contextmanager
+    def _conversation(self, sock: socket.socket, closing: bool) -> Iterator[None]:
+        """The socket's failures as DaemonErrors, the socket closed after one (or at the end,
+        when closing)."""
+        try:
+            yield
         except socket.timeout:
+            sock.close()
             raise DaemonError(f"VICI at {self.socket_path} did not answer within {self.timeout:g}s") from None
         except OSError as e:
+            sock.close()
             raise ViciError(f"VICI at {self.socket_path}: {e.strerror or e}") from None
-        finally:
+        except BaseException:
+            sock.close()
+            raise
+        if closing:
             sock.close()
 
 
@@ -1975,12 +2039,38 @@ class CommandTimeout(DaemonError):
     """A command the daemon is asked through did not finish in time (and was killed)."""
 
 
-def run_command(command: list[str], timeout: float) -> tuple[str, str, int]:
-    """stdout, stderr and exit status of a command, its whole process group killed on timeout."""
-    shown = " ".join(command)
+@dataclass(frozen=True)
+class RunningCommand:
+    """A command started by start_command, its output read by finish before its deadline."""
+
+    command: list[str]
+    process: subprocess.Popen[str]
+    deadline: float  # time.monotonic()
+    timeout: float  # the --timeout the deadline comes from, for the message
+
+    def finish(self) -> tuple[str, str, int]:
+        """stdout, stderr and exit status; the whole process group killed at the deadline."""
+        with self.process as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=max(0.001, self.deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise CommandTimeout(f"`{' '.join(self.command)}` did not answer within {self.timeout:g}s") from None
+        return stdout, stderr, proc.returncode
+
+    def stop(self) -> None:
+        """Kill the command and everything it started, and reap it."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it had finished, and its children with it
+            pass
+        self.process.communicate()
+
+
+def start_command(command: list[str], deadline: float, timeout: float) -> RunningCommand:
+    """command running in its own process group, its output piped: `ipsec` runs the real program
+    as a child, and a timeout must end both, or the pipe stays open until a hung daemon wakes."""
     try:
-        # Its own process group: `ipsec` runs the real program as a child, and a timeout
-        # must end both, or the pipe stays open until a hung daemon wakes.
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, errors="replace", start_new_session=True)
     except FileNotFoundError:
@@ -1989,14 +2079,12 @@ def run_command(command: list[str], timeout: float) -> tuple[str, str, int]:
         raise DaemonError(f"command not executable: {command[0]}") from None
     except OSError as e:
         raise DaemonError(f"cannot run {command[0]}: {e.strerror}") from None
-    with proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise CommandTimeout(f"`{shown}` did not answer within {timeout:g}s") from None
-    return stdout, stderr, proc.returncode
+    return RunningCommand(command, proc, deadline, timeout)
+
+
+def run_command(command: list[str], timeout: float) -> tuple[str, str, int]:
+    """stdout, stderr and exit status of a command, its whole process group killed on timeout."""
+    return start_command(command, time.monotonic() + timeout, timeout).finish()
 
 
 # `ipsec whack --listcerts --listcacerts --listcrls`: what pluto's NSS database holds, times
@@ -2048,13 +2136,16 @@ class PlutoDaemon:
     ipsec: str = "ipsec"
     timeout: float = 10.0
 
-    def query(self) -> DaemonState:
+    def ask(self) -> Callable[[], DaemonState]:
+        return self.read
+
+    def read(self) -> DaemonState:
         deadline = time.monotonic() + self.timeout
         answers = []
         for option in ("--status", "--trafficstatus", "--addresspoolstatus"):
             command = [self.ipsec, "whack", option]
             try:
-                stdout, stderr, code = run_command(command, max(0.001, deadline - time.monotonic()))
+                stdout, stderr, code = start_command(command, deadline, self.timeout).finish()
             except CommandTimeout:
                 raise CommandTimeout(f"`{' '.join(command)}` did not answer within {self.timeout:g}s "
                                      "(the three whack queries together)") from None
@@ -2096,20 +2187,27 @@ class AutoDaemon:
     pluto_socket: str = DEFAULT_PLUTO_SOCKET
     stroke_socket: str = DEFAULT_STROKE_SOCKET
 
-    def query(self) -> DaemonState:
+    def ask(self) -> Callable[[], DaemonState]:
         try:
-            return self.vici.query()
+            read_vici = self.vici.ask()
         except ViciUnreachable as e:
             if self.asks_pluto():
-                return self.pluto.query()
+                return self.pluto.ask()
             if not self._has_stroke():
                 raise DaemonError(f"no IKE daemon to ask: {e}, and no `{self.stroke.ipsec}` command "
                                   "for stroke") from None
-        except ViciIncomplete as e:
-            if not self._has_stroke():
-                raise
-            warn(f"{e}; asked through stroke instead")
-        return self.stroke.query()
+            return self.stroke.ask()
+
+        def read() -> DaemonState:
+            try:
+                return read_vici()
+            except ViciIncomplete as e:
+                if not self._has_stroke():
+                    raise
+                warn(f"{e}; asked through stroke instead")
+            return self.stroke.ask()()
+
+        return read
 
     def _has_stroke(self) -> bool:
         return shutil.which(self.stroke.ipsec) is not None
@@ -2120,7 +2218,7 @@ class AutoDaemon:
 
 def choose_daemon(backend: str, ipsec: str, vici_socket: str, timeout: float) -> Daemon:
     stroke = StrokeDaemon(ipsec, timeout)
-    vici = ViciDaemon(vici_socket, timeout, StrokePools(ipsec, timeout))
+    vici = ViciDaemon(vici_socket, timeout, StrokePools(ipsec))
     pluto = PlutoDaemon(ipsec, timeout)
     if backend == "stroke":
         return stroke
@@ -2342,6 +2440,8 @@ def metric_families(result: RunResult) -> list[Metric]:
     Only ipsec_status is written for a tunnel the daemon was not asked about, or
     that is ignored: no figure is carried over from an earlier run.
     """
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
     status = GaugeMetricFamily("ipsec_status",
                                "IPsec tunnel state: 0 up (a CHILD SA installed), 1 IKE SA only, 2 down, "
                                "3 unknown (other state, or the daemon could not be asked), 4 ignored.",
@@ -2434,6 +2534,8 @@ CLIENT = ["tunnel", "client"]  # the labels of every per-client series
 
 def client_families(report: ClientReport) -> list[Metric]:
     """The per-client series of remote-access tunnels, and how many clients were left out."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
     info = InfoMetricFamily("ipsec_client", "A connected client of a remote-access tunnel, one series per "
                                             "session (sessions alike in every label share one): where from, "
                                             "its virtual IPs (comma-separated), its IKE version. client is its "
@@ -2476,6 +2578,8 @@ def client_families(report: ClientReport) -> list[Metric]:
 
 
 def pool_families(pools: Sequence[Pool]) -> list[Metric]:
+    from prometheus_client.core import GaugeMetricFamily
+
     size = GaugeMetricFamily("ipsec_pool_addresses", "Addresses of the virtual IP pool.", labels=["pool"])
     leases = GaugeMetricFamily("ipsec_pool_leases", "Leases of the virtual IP pool: online (its client is "
                                                     "connected) or offline (kept for a client that left).",
@@ -2494,6 +2598,8 @@ def certificate_families(daemon: DaemonState) -> list[Metric]:
     """The validity of every certificate the daemon has loaded, and when each CRL it holds
     is due for renewal; one series per certificate (a certificate listed twice counts once)
     and per CRL issuer (the latest next update, the CRL charon uses)."""
+    from prometheus_client.core import GaugeMetricFamily
+
     not_before = GaugeMetricFamily(
         "ipsec_certificate_not_before_timestamp_seconds",
         "When the certificate becomes valid (notBefore), in seconds since the epoch.", labels=CERTIFICATE_LABELS)
@@ -2530,6 +2636,8 @@ class _RunCollector:
 
 
 def build_registry(result: RunResult) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry()
     # prometheus_client types its collectors as a Protocol from 0.20 on, as an ABC before.
     registry.register(cast("Collector", _RunCollector(result)))
@@ -2608,6 +2716,8 @@ def exclusive_lock(dir_fd: int, name: str, timeout: float) -> Iterator[None]:
 
 def write_output(registry: CollectorRegistry, path: str, lock_timeout: float) -> None:
     """Replace path atomically, under path.lock; '-' prints to stdout."""
+    from prometheus_client import generate_latest, write_to_textfile
+
     if path == "-":
         sys.stdout.write(generate_latest(registry).decode("utf-8"))
         return
@@ -2744,7 +2854,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     state: DaemonState | None = None
     error = None
     try:
-        state = daemon.query()
+        read_answer = daemon.ask()
+        import prometheus_client  # noqa: F401 (loaded while the daemon works on its answer: see Daemon)
+        state = read_answer()
     except DaemonError as e:
         error = str(e)
     if state is not None:

@@ -9,7 +9,7 @@ charon back to back for what it holds, once through stroke and once through VICI
     tests/fixtures/certificates/
         listall.txt        `ipsec listall --utc` output
         listall-local.txt  `ipsec listall` output: the same in the gateway's local time
-        list-certs.json    the list-certs events ipsec_textfile.ViciDaemon.ask() collects,
+        list-certs.json    the list-certs events ipsec_textfile.ViciDaemon.send_questions() collects,
                            decoded as it decodes them (surrogateescape: the DER in "data"
                            is recovered with .encode("utf-8", "surrogateescape"))
         expected.json      what the lab issued: each certificate's and CRL's names and
@@ -33,6 +33,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -81,7 +82,7 @@ def main() -> None:
             gateway = started.lab.gateway
             listall = gateway.ipsec("listall", "--utc")
             listall_local = gateway.ipsec("listall")
-            answer = ipsec_textfile.ViciDaemon(gateway.vici_socket).ask()
+            answer = ipsec_textfile.ViciDaemon(gateway.vici_socket).send_questions(time.monotonic() + 10)()
             version = gateway.ipsec("version").strip().splitlines()[0]
         finally:
             started.destroy()
@@ -105,7 +106,7 @@ def main() -> None:
         "established tunnel `up` with its peer (the peer's certificate, serial 05, came with it).\n"
         "Then, back to back inside the gateway's namespaces: `ipsec listall --utc` (`listall.txt`),\n"
         "`ipsec listall` (`listall-local.txt`, the gateway's local time) and\n"
-        "`ipsec_textfile.ViciDaemon(socket).ask()`, whose list-certs events are `list-certs.json`.\n"
+        "`ipsec_textfile.ViciDaemon(socket).send_questions(deadline)()`, whose list-certs events are `list-certs.json`.\n"
         "`expected.json` is what `cert_lab.make_pki` issued (`readable` false: the cryptography\n"
         "package refuses that certificate's name, a byte that is not UTF-8).\n"
     )

@@ -15,7 +15,7 @@ that produced them:
     tests/fixtures/remote-access/  a remote-access gateway and its clients (ra_lab.start_ra_lab)
         statusall.txt           `ipsec statusall` output
         vici.bin                every byte charon sent on the one VICI connection of
-                                ipsec_textfile.ViciDaemon.ask() (version, stats, list-sas,
+                                ipsec_textfile.ViciDaemon.send_questions() (version, stats, list-sas,
                                 stats, list-policies, list-conns), as it sent it: recorded
                                 by lab.ViciProxy in front of its socket; the tests decode it
         etc/...                 the gateway's /etc/ipsec.conf and what it includes
@@ -35,6 +35,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,9 +57,9 @@ TRAFFIC = {
 
 
 def recorded_vici(socket_path: str, workdir: Path) -> bytes:
-    """Every byte charon sends on the one connection of ipsec_textfile.ViciDaemon.ask()."""
+    """Every byte charon sends on the one connection of ipsec_textfile.ViciDaemon.send_questions()."""
     with contextlib.closing(lab.ViciProxy(workdir / "recording.vici", socket_path)) as proxy:
-        ipsec_textfile.ViciDaemon(str(proxy.path)).ask()
+        ipsec_textfile.ViciDaemon(str(proxy.path)).send_questions(time.monotonic() + 10)()
     return bytes(proxy.from_daemon)
 
 
@@ -95,7 +96,7 @@ def capture(name: str, start: Callable[[Path], lab.Lab], describe: str) -> None:
         "Once the lab had settled, `lab.exchange_datagrams` sent (and got back):\n\n"
         f"{traffic}\n"
         "Then, back to back inside the gateway's namespaces: `ipsec statusall` (`statusall.txt`)\n"
-        "and `ipsec_textfile.ViciDaemon(socket).ask()` through `lab.ViciProxy` in front of its\n"
+        "and `ipsec_textfile.ViciDaemon(socket).send_questions(deadline)()` through `lab.ViciProxy` in front of its\n"
         "/run/charon.vici, which kept every byte charon sent on that connection (`vici.bin`).\n"
         "The peer read `peer-ipsec.conf`; both used PSK authentication and kernel-libipsec\n"
         "(see tests/lab.py).\n"
@@ -155,7 +156,7 @@ def capture_remote_access() -> None:
         f"{sent}\n"
         f"and {', '.join(RA_LEFT)} left (`ipsec down` on the client). Then, back to back inside the gateway's\n"
         "namespaces: `ipsec statusall` (`statusall.txt`), `ipsec leases` (`leases.txt`) and\n"
-        "`ipsec_textfile.ViciDaemon(socket).ask()` through `lab.ViciProxy` in front of its /run/charon.vici,\n"
+        "`ipsec_textfile.ViciDaemon(socket).send_questions(deadline)()` through `lab.ViciProxy` in front of its /run/charon.vici,\n"
         "which kept every byte charon sent on that connection (`vici.bin`).\n"
     )
     print(f"wrote {target}")

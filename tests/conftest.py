@@ -57,14 +57,13 @@ def require_tools(*tools: str, what: str, root: bool = False) -> None:
 
 
 class FakeVici:
-    """A VICI socket with one client: each packet it gets is answered with `reply` (with once,
-    only the first). Then, with close_after, it hangs up; with trickle, it sends one more byte
+    """A VICI socket with one client, which sends its questions at once: they are answered
+    with `reply`. Then, with close_after, it hangs up; with trickle, it sends one more byte
     every `trickle` seconds for as long as the client listens; else it stays silent until the
     client leaves."""
 
-    def __init__(self, path: Path, reply: bytes, close_after: bool = False, trickle: float | None = None,
-                 once: bool = False) -> None:
-        self.reply, self.close_after, self.trickle, self.once = reply, close_after, trickle, once
+    def __init__(self, path: Path, reply: bytes, close_after: bool = False, trickle: float | None = None) -> None:
+        self.reply, self.close_after, self.trickle = reply, close_after, trickle
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(path))
         self.server.listen(1)
@@ -74,17 +73,15 @@ class FakeVici:
         try:
             client, _ = self.server.accept()
             with client:
-                replied = False
-                while client.recv(65536):
-                    if self.once and replied:
-                        continue
-                    replied = True
+                if client.recv(65536):
                     client.sendall(self.reply)
                     if self.close_after:
                         return
                     while self.trickle is not None:
                         time.sleep(self.trickle)
                         client.sendall(b"\x00")
+                while client.recv(65536):
+                    pass
         except OSError:
             pass
         finally:
@@ -96,12 +93,12 @@ class FakeVici:
 
 def vici_answer(fixture: Path) -> dict[str, Any]:
     """What the built-in VICI client reads from the bytes charon sent in a capture (vici.bin):
-    the whole stream, replayed on a socket to ipsec_textfile.ViciDaemon.ask()."""
+    the whole stream, replayed on a socket to ipsec_textfile.ViciDaemon.send_questions()."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "charon.vici"
-        fake = FakeVici(path, (fixture / "vici.bin").read_bytes(), once=True)
+        fake = FakeVici(path, (fixture / "vici.bin").read_bytes())
         try:
-            return ipsec_textfile.ViciDaemon(str(path), timeout=30).ask()
+            return ipsec_textfile.ViciDaemon(str(path), timeout=30).send_questions(time.monotonic() + 30)()
         finally:
             fake.close()
 

@@ -192,7 +192,7 @@ def sent_before_the_certificates(fixture: Path) -> bytes:
 
 def test_vici_slow_to_list_certificates_still_gives_every_tunnel(tmp_path: Path) -> None:
     sock = tmp_path / "charon.vici"
-    FakeVici(sock, sent_before_the_certificates(STATES), once=True)
+    FakeVici(sock, sent_before_the_certificates(STATES))
     proc = run_collector("--config", str(STATES / "etc" / "ipsec.conf"), "--output", "-", "--backend", "vici",
                          "--vici-socket", str(sock), "--timeout", "2")
     assert proc.returncode == 0

@@ -26,7 +26,7 @@ def fixture(version: str) -> Path:
 
 
 def snapshot(version: str) -> it.DaemonState:
-    return it.StatusFile(str(fixture(version) / "status.txt")).query()
+    return it.StatusFile(str(fixture(version) / "status.txt")).ask()()
 
 
 def statuses(version: str) -> dict[str, it.TunnelStatus]:
@@ -195,7 +195,7 @@ def test_a_hung_whack_is_killed_with_its_children(tmp_path: Path) -> None:
     ipsec = executable(tmp_path / "ipsec", f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\nwait\n")
     started = time.monotonic()
     with pytest.raises(it.DaemonError, match="did not answer within 1s"):
-        it.PlutoDaemon(str(ipsec), timeout=1).query()
+        it.PlutoDaemon(str(ipsec), timeout=1).ask()()
     # A fault bound: the 1 s timeout ends it; waiting for the `sleep 60` that holds the pipe
     # would take 60 s; 20 s is a loaded 2-core machine's margin.
     assert time.monotonic() - started < 20
@@ -224,18 +224,18 @@ def auto(tmp_path: Path, pluto_socket: Path, stroke_socket: Path) -> it.AutoDaem
 
 def test_auto_asks_pluto_when_its_socket_answers_and_charons_are_absent(tmp_path: Path,
                                                                         pluto_socket: Path) -> None:
-    state = auto(tmp_path, pluto_socket, tmp_path / "no-charon.ctl").query()
+    state = auto(tmp_path, pluto_socket, tmp_path / "no-charon.ctl").ask()()
     assert (state.backend, state.version) == ("pluto", "4.10")
 
 
 def test_auto_asks_stroke_when_charons_stroke_socket_exists(tmp_path: Path, pluto_socket: Path) -> None:
     # Both an `ipsec` and a pluto socket: charon's socket says strongSwan is the one running.
     (tmp_path / "charon.ctl").touch()
-    assert auto(tmp_path, pluto_socket, tmp_path / "charon.ctl").query().backend == "stroke"
+    assert auto(tmp_path, pluto_socket, tmp_path / "charon.ctl").ask()().backend == "stroke"
 
 
 def test_auto_asks_stroke_when_plutos_socket_is_stale(tmp_path: Path) -> None:
     stale = tmp_path / "pluto.ctl"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         server.bind(str(stale))  # bound, never listening: connections are refused
-    assert auto(tmp_path, stale, tmp_path / "no-charon.ctl").query().backend == "stroke"
+    assert auto(tmp_path, stale, tmp_path / "no-charon.ctl").ask()().backend == "stroke"

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import ipsec_textfile as it
@@ -41,7 +42,7 @@ def statuses(state: it.DaemonState) -> dict[str, it.TunnelStatus]:
 def exposition(state: it.DaemonState, max_clients: int = it.DEFAULT_MAX_CLIENTS) -> str:
     classified = it.classify(it.all_tunnels(ra_tunnels(), state.loaded), state)
     result = it.RunResult(classified, state, 0.0, 0.0, it.select_clients(classified, max_clients))
-    return it.generate_latest(it.build_registry(result)).decode()
+    return generate_latest(it.build_registry(result)).decode()
 
 
 def client_samples(text: str, tunnels: set[str]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

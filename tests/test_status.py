@@ -164,9 +164,9 @@ def test_vici_answer_without_a_field_it_needs_is_a_daemon_error(monkeypatch: pyt
     answer = vici_answer(STATES)
     up = next(event["up"] for event in answer["list-sas"] if "up" in event)
     del up["uniqueid"]
-    monkeypatch.setattr(it.ViciDaemon, "ask", lambda self: answer)
+    monkeypatch.setattr(it.ViciDaemon, "send_questions", lambda self, deadline: lambda: answer)
     with pytest.raises(it.DaemonError, match="unexpected VICI answer .*KeyError 'uniqueid'"):
-        it.ViciDaemon("charon.vici").query()
+        it.ViciDaemon("charon.vici").ask()()
 
 
 REKEYED = FIXTURES / "rekeyed"

@@ -58,7 +58,7 @@ def reference_answer(socket_path: str) -> dict[str, Any]:
 
 
 def test_live_answers_equal_strongswans_own_client(states_lab: lab.Lab) -> None:
-    ours = it.ViciDaemon(states_lab.gateway.vici_socket).ask()
+    ours = it.ViciDaemon(states_lab.gateway.vici_socket).send_questions(time.monotonic() + 10)()
     theirs = reference_answer(states_lab.gateway.vici_socket)
     for command, answer in theirs.items():
         assert plain(ours[command]) == plain(answer), command
@@ -168,7 +168,7 @@ def test_a_bad_daemon_is_a_daemon_error(tmp_path: Path, reply: bytes, why: str) 
     try:
         started = time.monotonic()
         with pytest.raises(it.DaemonError, match=why):
-            it.ViciDaemon(str(tmp_path / "charon.vici"), timeout=1).query()
+            it.ViciDaemon(str(tmp_path / "charon.vici"), timeout=1).ask()()
         # A fault bound, not a speed: the 1 s timeout ends it; a client that waited for the
         # stalled socket would not return; 8 s is what a loaded 2-core machine keeps.
         assert time.monotonic() - started < 8
@@ -185,7 +185,7 @@ def test_one_deadline_covers_the_whole_conversation(tmp_path: Path) -> None:
 
     def ask() -> None:
         try:
-            it.ViciDaemon(str(tmp_path / "charon.vici"), timeout=1).query()
+            it.ViciDaemon(str(tmp_path / "charon.vici"), timeout=1).ask()()
             outcome.append(None)
         except BaseException as e:  # noqa: BLE001 (handed to the test's thread)
             outcome.append(e)
@@ -209,7 +209,7 @@ def test_any_reply_from_the_socket_is_a_daemon_error(tmp_path: Path, reply: byte
     fake = FakeVici(path, reply)
     try:
         with pytest.raises(it.DaemonError):
-            it.ViciDaemon(str(path), timeout=0.2).query()
+            it.ViciDaemon(str(path), timeout=0.2).ask()()
     finally:
         fake.close()
         path.unlink()

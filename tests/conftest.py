@@ -58,12 +58,13 @@ def require_tools(*tools: str, what: str, root: bool = False) -> None:
 
 class FakeVici:
     """A VICI socket with one client, which sends its questions at once: they are answered
-    with `reply`. Then, with close_after, it hangs up; with trickle, it sends one more byte
+    with `reply` (after `delay` seconds). Then, with close_after, it hangs up; with trickle, it sends one more byte
     every `trickle` seconds for as long as the client listens; else it stays silent until the
     client leaves."""
 
-    def __init__(self, path: Path, reply: bytes, close_after: bool = False, trickle: float | None = None) -> None:
-        self.reply, self.close_after, self.trickle = reply, close_after, trickle
+    def __init__(self, path: Path, reply: bytes, close_after: bool = False, trickle: float | None = None,
+                 delay: float = 0) -> None:
+        self.reply, self.close_after, self.trickle, self.delay = reply, close_after, trickle, delay
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(path))
         self.server.listen(1)
@@ -74,6 +75,7 @@ class FakeVici:
             client, _ = self.server.accept()
             with client:
                 if client.recv(65536):
+                    time.sleep(self.delay)
                     client.sendall(self.reply)
                     if self.close_after:
                         return

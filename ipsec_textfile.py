@@ -6,14 +6,15 @@ that daemon's own tools do (strongSwan's starter, libreswan's addconn), classifi
 each tunnel, and writes one .prom file atomically (temporary file + rename) under a lock.
 
 The pipeline, one plain function a stage:
-    Daemon.query -> read_config / read_libreswan_config -> classify -> select_clients
-    -> build_registry -> write_output
+    Daemon.ask -> (its answer, read once prometheus_client is loaded) -> read_config /
+    read_libreswan_config -> classify -> select_clients -> build_registry -> write_output
 
 The file's sections, in that order:
     read config          read_config: ipsec.conf's conns as starter resolves them
       libreswan          read_libreswan_config: as libreswan 4.x or 5.x resolves them
-    query daemon         the Daemon interface and the DaemonState every backend returns
-                         (tunnels, SAs, pools, and the Certificates and Crls the daemon holds)
+    query daemon         the Daemon interface (ask, then read the answer) and the DaemonState
+                         every backend returns (tunnels, SAs, pools, and the Certificates and
+                         Crls the daemon holds)
       stroke             StrokeDaemon runs `ipsec statusall`, parse_statusall reads it (its
                          pools: parse_stroke_pools), then `ipsec listall --utc`,
                          parse_certificate_listing reads that; StrokePools runs `ipsec
@@ -25,7 +26,8 @@ The file's sections, in that order:
                          cryptography package); the protocol itself: vici_decode,
                          vici_encode, ViciConnection
       pluto              PlutoDaemon runs `ipsec whack --status`, `--trafficstatus` and
-                         `--addresspoolstatus` (libreswan), parse_pluto reads them
+                         `--addresspoolstatus` (libreswan), parse_pluto reads them; every
+                         backend's commands: start_command (a RunningCommand), run_command
       auto               AutoDaemon: VICI when its socket answers, else pluto when its
                          socket answers and charon's stroke socket is absent, else stroke
     classify             classify: each tunnel's ipsec_status and figures; serves_many tells
@@ -1581,12 +1583,18 @@ def vici_certificates(events: list[ViciMessage]) -> tuple[list[Certificate], lis
         # import under Python 3.8).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            from cryptography import __version__ as cryptography_version
             from cryptography import x509
-            from cryptography.hazmat.backends import default_backend
     except ImportError:
         warn(f"the daemon holds {len(wanted)} certificates and CRLs, but without the Python package "
              "cryptography (Debian: python3-cryptography) they cannot be read: no certificate series")
         return [], []
+    # Before cryptography 3.1 the loaders want its OpenSSL backend; later ones ignore it, and
+    # loading it would cost about 10 ms a run.
+    backend = None
+    if tuple(int(part) for part in re.findall(r"\d+", cryptography_version)[:2]) < (3, 1):
+        from cryptography.hazmat.backends import default_backend
+        backend = default_backend()
     certificates: list[Certificate] = []
     crls: list[Crl] = []
     unreadable: list[str] = []
@@ -1595,19 +1603,19 @@ def vici_certificates(events: list[ViciMessage]) -> tuple[list[Certificate], lis
         der = event.get("data", "").encode("utf-8", "surrogateescape")
         try:
             if event["type"] == "X509_CRL":
-                crl = x509.load_der_x509_crl(der, default_backend())  # required before cryptography 3.1
+                crl = x509.load_der_x509_crl(der, backend)
                 next_update = _datetime(crl, "next_update")
                 if next_update is not None:  # a CRL without a next update never goes stale
                     crls.append(Crl(strongswan_dn(crl.issuer), _unix_time(next_update)))
                 continue
-            cert = x509.load_der_x509_certificate(der, default_backend())
+            cert = x509.load_der_x509_certificate(der, backend)
             subject, issuer = strongswan_dn(cert.subject), strongswan_dn(cert.issuer)
             certificates.append(Certificate(
                 subject, issuer, _serial(cert.serial_number),
                 certificate_type(event.get("flag", "NONE"), subject, issuer),
                 _unix_time(_datetime(cert, "not_valid_before")), _unix_time(_datetime(cert, "not_valid_after"))))
         except Exception as e:  # noqa: BLE001 (whatever the library raises for one entry, the rest is written)
-            what = "CRL" if event["type"] == "X509_CRL" else f"certificate{_still_known(x509, der, default_backend())}"
+            what = "CRL" if event["type"] == "X509_CRL" else f"certificate{_still_known(x509, der, backend)}"
             unreadable.append(f"{what}, number {number} of the list ({type(e).__name__}: {e})")
     if unreadable:
         warn(f"{len(unreadable)} of the {len(wanted)} certificates and CRLs the daemon listed cannot be read "

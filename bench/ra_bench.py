@@ -8,17 +8,21 @@ For each N it brings up tests/ra_lab.py's scale lab (a real charon whose rw-eap 
 has N EAP-MSCHAPv2 clients connected, each with its own IKE SA and virtual IP), then,
 inside the gateway's namespaces, times rep by rep, one after the other:
 
-  (A) ours:        python3 ipsec_textfile.py --output FILE, the default backend (auto:
-                   VICI, plus `ipsec leases` for ipsec.conf's pools), per-client series on
-                   (the default --max-clients)
+  (A) ours:        the Debian package's /usr/bin/ipsec-textfile (debian/bin/ipsec-textfile)
+                   running the byte-compiled module, --output FILE: the default backend
+                   (auto: VICI, plus `ipsec leases` for ipsec.conf's pools), per-client
+                   series on (the default --max-clients)
   (B) floor:       a python3 process importing prometheus_client and asking charon once
                    over VICI (the requests a run sends, answers read, nothing decoded)
   (C) ours, off:   (A) with --max-clients 0 (no per-client series)
+  (D) script:      (A) as `python3 ipsec_textfile.py`, the copied script (compiled anew
+                   on each run)
 
-and prints the median of the per-rep ratios A/B and A/C (this machine's speed drifts
-more than the differences measured: only neighbouring runs are compared), the medians
-of A, B and C, A's peak RSS, the file's size and series, and node_exporter's scrape
-time of that file (median of 10 scrapes).
+and prints the median of the per-rep ratios A/B, A/C and D/B (this machine's speed drifts
+more than the differences measured: only neighbouring runs are compared), the medians of
+A to D, A's peak RSS, the file's size and series, and node_exporter's scrape time of that
+file (median of 10 scrapes). Then, for where A's time goes, each stage of one run timed
+inside one process (median over the reps).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import py_compile
 import statistics
 import subprocess
 import sys
@@ -56,16 +61,45 @@ def exchange(data):
     while not answers or answers[-1] == 7:  # events until the command's response
         length = int.from_bytes(sock.recv(4, socket.MSG_WAITALL), "big")
         answers.append(sock.recv(length, socket.MSG_WAITALL)[0])
-for command in ("version", "stats"):
-    exchange(packet(0, command))
-policies = kv("trap", "yes") + kv("pass", "yes") + kv("drop", "yes")
-for command, event, message in [("list-sas", "list-sa", b""), ("list-policies", "list-policy", policies),
-                                ("list-conns", "list-conn", b"")]:
+def stream(command, event, message=b""):
     exchange(packet(3, event))
     exchange(packet(0, command, message))
     exchange(packet(4, event))
+exchange(packet(0, "version"))
 exchange(packet(0, "stats"))
+stream("list-sas", "list-sa")
+exchange(packet(0, "stats"))
+stream("list-policies", "list-policy", kv("trap", "yes") + kv("pass", "yes") + kv("drop", "yes"))
+stream("list-conns", "list-conn")
 exchange(packet(0, "get-pools"))
+stream("list-certs", "list-cert", kv("type", "ANY"))
+"""
+
+# One run of A, each stage timed (time.perf_counter, ms), printed as JSON: the pipeline of
+# main() with the default backend, stage by stage.
+STAGES = """\
+import json, sys, time
+marks = [time.perf_counter()]
+import ipsec_textfile as it
+marks.append(time.perf_counter())
+read_answer = it.choose_daemon("auto", "ipsec", it.DEFAULT_VICI_SOCKET, 10).ask()
+import prometheus_client
+marks.append(time.perf_counter())
+state = read_answer()
+marks.append(time.perf_counter())
+statuses = it.classify(it.all_tunnels(it.configured_tunnels(it.DEFAULT_CONFIG, None) or [], state.loaded), state)
+result = it.RunResult(statuses, state, time.time(), 0, it.select_clients(statuses, it.DEFAULT_MAX_CLIENTS))
+marks.append(time.perf_counter())
+registry = it.build_registry(result)
+families = list(registry.collect())
+marks.append(time.perf_counter())
+prometheus_client.generate_latest(registry)
+marks.append(time.perf_counter())
+it.write_output(registry, sys.argv[1], 10)
+marks.append(time.perf_counter())
+names = ["import the module", "ask; import prometheus_client", "read the answers", "read ipsec.conf, classify",
+         "metric families", "generate_latest", "write_output (generates again)"]
+print(json.dumps({name: 1000 * (b - a) for name, a, b in zip(names, marks, marks[1:])}))
 """
 
 
@@ -83,22 +117,30 @@ def timed(command: list[str]) -> tuple[float, float]:
 
 
 def measure(clients: int, reps: int, textfile_dir: str) -> dict[str, object]:
-    """Inside the gateway: A, B and C, rep by rep; A's file is left in textfile_dir."""
+    """Inside the gateway: A, B, C and D, rep by rep; A's file is left in textfile_dir."""
     out = Path(textfile_dir) / "ipsec.prom"
-    ours, floor, off, rss = [], [], [], []
+    other = str(out) + ".other"
+    # As the package installs it: the module byte-compiled, run by its launcher.
+    py_compile.compile(str(REPO / "ipsec_textfile.py"), doraise=True)
+    os.environ["PYTHONPATH"] = str(REPO)
+    launcher = [sys.executable, str(REPO / "debian" / "bin" / "ipsec-textfile")]
+    ours, floor, off, script, rss, stages = [], [], [], [], [], []
     for _ in range(reps):
-        seconds, peak = timed([sys.executable, "ipsec_textfile.py", "--output", str(out)])
+        seconds, peak = timed([*launcher, "--output", str(out)])
         ours.append(seconds)
         rss.append(peak)
         floor.append(timed([sys.executable, "-c", FLOOR])[0])
-        off.append(timed([sys.executable, "ipsec_textfile.py", "--output", str(out) + ".off",
-                          "--max-clients", "0"])[0])
+        off.append(timed([*launcher, "--output", other, "--max-clients", "0"])[0])
+        script.append(timed([sys.executable, "ipsec_textfile.py", "--output", other])[0])
+        stages.append(json.loads(subprocess.run([sys.executable, "-c", STAGES, other], cwd=REPO, check=True,
+                                                capture_output=True, text=True).stdout))
     text = out.read_text()
     assert text.count('ipsec_client_sessions{client="user') == clients, "not every client was reported"
-    os.unlink(str(out) + ".off")
-    return {"clients": clients, "ours": ours, "floor": floor, "off": off, "rss_mib": max(rss),
+    os.unlink(other)
+    return {"clients": clients, "ours": ours, "floor": floor, "off": off, "script": script, "rss_mib": max(rss),
             "file_bytes": out.stat().st_size, "series": sum(1 for line in text.splitlines()
-                                                            if line and not line.startswith("#"))}
+                                                            if line and not line.startswith("#")),
+            "stages": {name: statistics.median(rep[name] for rep in stages) for name in stages[0]}}
 
 
 def scrape_seconds(textfile_dir: Path) -> float:
@@ -130,13 +172,17 @@ def report(results: list[dict[str, Any]]) -> None:
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
           f"Python {platform.python_version()}")
     print("seconds: median; ratios: median of the per-rep ratios [min-max]")
-    print(f"{'clients':>7}  {'A ours':>7}  {'B floor':>7}  {'C off':>7}  {'A/B':>18}  {'A/C':>18}  "
-          f"{'RSS MiB':>7}  {'file KiB':>8}  {'series':>7}  {'scrape s':>8}")
+    print(f"{'clients':>7}  {'A ours':>7}  {'B floor':>7}  {'C off':>7}  {'D script':>8}  {'A/B':>18}  "
+          f"{'A/C':>18}  {'D/B':>18}  {'RSS MiB':>7}  {'file KiB':>8}  {'series':>7}  {'scrape s':>8}")
     for r in results:
         print(f"{r['clients']:>7}  {statistics.median(r['ours']):7.3f}  {statistics.median(r['floor']):7.3f}  "
-              f"{statistics.median(r['off']):7.3f}  {ratios(r['ours'], r['floor']):>18}  "
-              f"{ratios(r['ours'], r['off']):>18}  {r['rss_mib']:7.1f}  {r['file_bytes'] / 1024:8.1f}  "
+              f"{statistics.median(r['off']):7.3f}  {statistics.median(r['script']):8.3f}  "
+              f"{ratios(r['ours'], r['floor']):>18}  {ratios(r['ours'], r['off']):>18}  "
+              f"{ratios(r['script'], r['floor']):>18}  {r['rss_mib']:7.1f}  {r['file_bytes'] / 1024:8.1f}  "
               f"{r['series']:>7}  {r['scrape_seconds']:8.3f}")
+    print("stages of one run in one process, ms (median):")
+    for r in results:
+        print(f"{r['clients']:>7}  " + ", ".join(f"{name} {ms:.1f}" for name, ms in r["stages"].items()))
 
 
 def main() -> None:

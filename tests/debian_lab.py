@@ -110,7 +110,7 @@ class Builder:
     @property
     def include(self) -> list[str]:
         # build-essential: dpkg-buildpackage checks for it besides debian/control's Build-Depends.
-        return sorted(["build-essential", "debhelper"])
+        return sorted(["build-essential", "debhelper", "dh-python"])
 
     @property
     def cache_key(self) -> str:

@@ -28,9 +28,14 @@ def test_remote_access_benchmark_runs_and_prints_its_table() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ra_bench.py"), "--clients", "20", "--reps", "1"],
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
-    header, row = proc.stdout.splitlines()[-2:]
-    assert "A/B" in header and "A/C" in header and "scrape s" in header
+    lines = proc.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if "A/B" in line)
+    header, row = lines[at : at + 2]
+    assert "A/C" in header and "D/B" in header and "scrape s" in header
     assert row.split()[0] == "20"
+    # Where the time goes: every stage of one run, from importing the module to writing the file.
+    assert lines[-2] == "stages of one run in one process, ms (median):"
+    assert lines[-1].split()[0] == "20" and "generate_latest" in lines[-1] and "write_output" in lines[-1]
 
 
 def test_libreswan_benchmark_runs_and_prints_its_figures() -> None:

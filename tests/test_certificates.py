@@ -100,6 +100,31 @@ def test_an_unreadable_certificate_is_left_out_and_the_rest_written(capsys: pyte
     assert "3 of the 13 certificates and CRLs the daemon listed cannot be read" in warning
 
 
+def test_cryptography_before_3_1_is_handed_its_backend(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # Before 3.1 the loaders take the backend as a required argument; from 3.1 on the run
+    # skips loading it. Both read the same.
+    cryptography = pytest.importorskip("cryptography")
+    modern = it.vici_certificates(list_certs())
+    handed: list[object] = []
+    from cryptography import x509
+    from cryptography.hazmat.backends import default_backend
+
+    default_backend()  # loaded before its version is changed below: it checks the version once
+
+    def load_requiring_a_backend(der: bytes, backend: object) -> object:
+        assert backend is not None, "cryptography before 3.1 needs its backend"
+        handed.append(backend)
+        return real_load(der, backend)
+
+    real_load = x509.load_der_x509_certificate
+    monkeypatch.setattr(x509, "load_der_x509_certificate", load_requiring_a_backend)
+    monkeypatch.setattr(cryptography, "__version__", "2.8")
+    assert it.vici_certificates(list_certs()) == modern
+    assert handed
+    capsys.readouterr()
+
+
 def test_without_cryptography_one_warning_and_no_certificate(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "cryptography", None)  # import fails as when it is not installed

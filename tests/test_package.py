@@ -26,7 +26,8 @@ from promfile import by_tunnel, value
 
 POSTRM = ROOT / "debian" / "postrm"
 MAN_PAGE = ROOT / "debian" / "ipsec-textfile.1"
-HOST_TOOLS = ["dpkg-buildpackage", "dh", "lintian", "dpkg-deb", "unshare"]
+HOST_TOOLS = ["dpkg-buildpackage", "dh", "dh_python3", "lintian", "dpkg-deb", "unshare"]
+MODULE = "usr/lib/python3/dist-packages/ipsec_textfile.py"
 TEXTFILE_DIR = str(Path(TEXTFILE).parent)
 # Each gateway installs the package that its own release's tools built.
 BUILDER_OF = {"debian11": "debian11-build", "debian12": "debian12-build", "debian13": "debian13-build",
@@ -98,7 +99,7 @@ def test_the_package_holds_what_readme_says(host_build: HostBuild) -> None:
     deb = host_build.deb
     assert deb_field(deb, "Package") == PACKAGE
     assert deb_field(deb, "Architecture") == "all"
-    assert deb_field(deb, "Depends") == "python3 (>= 3.8), python3-prometheus-client (>= 0.7.1)"
+    assert deb_field(deb, "Depends") == "python3 (>= 3.8), python3-prometheus-client (>= 0.7.1), python3:any"
     assert deb_field(deb, "Recommends") == "prometheus-node-exporter, python3-cryptography"
     assert set(deb_field(deb, "Enhances").split(", ")) == {"strongswan-starter", "strongswan-charon",
                                                            "charon-systemd", "libreswan"}
@@ -109,14 +110,16 @@ def test_the_package_holds_what_readme_says(host_build: HostBuild) -> None:
     assert {Path(name).name for name in units} == {"ipsec-textfile.service", "ipsec-textfile.timer"}
     doc = f"usr/share/doc/{PACKAGE}"
     share = f"usr/share/{PACKAGE}"
-    assert {"usr/bin/ipsec-textfile", "usr/share/man/man1/ipsec-textfile.1.gz", f"{doc}/copyright",
+    assert {"usr/bin/ipsec-textfile", MODULE, "usr/share/man/man1/ipsec-textfile.1.gz", f"{doc}/copyright",
             f"{doc}/examples/ipsec-textfile", f"{share}/ipsec-textfile.rules.yml",
             f"{share}/ipsec-textfile.rules.test.yml", f"{share}/ipsec-textfile.json"} <= files
     # The cron entry is an example only: never active beside the timer.
     assert not [name for name in files if name.startswith("etc/")]
-    # Debian's own Python, whatever an admin put first on PATH; otherwise the script as it is.
-    script = (tree / "usr/bin/ipsec-textfile").read_text()
-    assert script == SCRIPT.read_text().replace("#!/usr/bin/env python3\n", "#!/usr/bin/python3\n", 1)
+    # The script as it is, as a module that Debian's own Python runs (whatever an admin put
+    # first on PATH) from the bytecode compiled on installation.
+    assert (tree / MODULE).read_text() == SCRIPT.read_text()
+    launcher = (tree / "usr/bin/ipsec-textfile").read_text()
+    assert launcher.startswith("#!/usr/bin/python3\n") and "\nfrom ipsec_textfile import main\n" in launcher
     assert (tree / "usr/bin/ipsec-textfile").stat().st_mode & 0o777 == 0o755
     # The unit runs the package's script and is otherwise the project's unit, unchanged.
     service = next(tree / name for name in units if name.endswith(".service")).read_text()
@@ -126,6 +129,7 @@ def test_the_package_holds_what_readme_says(host_build: HostBuild) -> None:
     # The service has no [Install]: only the timer is enabled, and only the timer starts it.
     assert "[Install]" not in service
     postinst = (tree / "DEBIAN" / "postinst").read_text()
+    assert "py3compile -p prometheus-ipsec-textfile" in postinst
     assert "deb-systemd-invoke $_dh_action 'ipsec-textfile.timer'" in postinst
     assert "ipsec-textfile.service" not in postinst
 
@@ -344,7 +348,8 @@ def check_served(gateway: debian_lab.Gateway, run: debian_lab.TimerRun) -> str:
 def our_leftovers(gateway: debian_lab.Gateway) -> list[str]:
     """Anything of the package's still on the gateway: units, their enablement, files in the textfile
     directory, the script, its documentation."""
-    found = gateway.sh("find", "/etc", "/usr", "/var/lib/systemd", "-name", "*ipsec-textfile*")
+    found = gateway.sh("find", "/etc", "/usr", "/var/lib/systemd", "-name", "*ipsec-textfile*", "-o",
+                       "-name", "*ipsec_textfile*")
     found += gateway.sh("find", TEXTFILE_DIR, "-name", "ipsec.prom*")
     return sorted(found.split())
 
@@ -360,6 +365,7 @@ def lifecycle(gateway: debian_lab.Gateway, cached_root: Path, builds: concurrent
         install_seconds = time.monotonic() - installed_at / 1e6
         assert timer_state(gateway) == ("enabled", "active")
         assert gateway.sh_process("test", "-e", "/usr/local/bin/ipsec-textfile").returncode != 0
+        assert "ipsec_textfile.cpython-" in gateway.sh("ls", "/usr/lib/python3/dist-packages/__pycache__")
         assert "path=/usr/bin/ipsec-textfile " in gateway.sh(
             "systemctl", "show", "--property=ExecStart", "ipsec-textfile.service")
         now = gateway.timer_run()
@@ -397,6 +403,7 @@ def lifecycle(gateway: debian_lab.Gateway, cached_root: Path, builds: concurrent
         assert "ipsec-textfile" not in gateway.sh("systemctl", "list-timers", "--no-legend")
         assert gateway.sh("dpkg-query", "-W", "-f", "${db:Status-Abbrev}", PACKAGE).strip() == "rc"
         assert gateway.sh_process("test", "-e", "/usr/bin/ipsec-textfile").returncode != 0
+        assert "ipsec_textfile" not in gateway.sh("ls", "-a", "/usr/lib/python3/dist-packages/__pycache__")
 
         # Purge: nothing of ours left, not even the served file; node_exporter's other files stay.
         gateway.sh("sh", "-c", f"touch {TEXTFILE_DIR}/ipsec.prom.4242.140001 {TEXTFILE_DIR}/other.prom")

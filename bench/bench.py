@@ -8,17 +8,18 @@ For each N it brings up the scale lab of tests/lab.py (a real charon with N
 INSTALLED tunnels under one IKE SA), then, inside the gateway's namespaces,
 times in the same run:
 
-  (1) ours:        python3 ipsec_textfile.py --output FILE with the default backend
-                   (auto: VICI, or stroke where charon leaves an IKE SA with more than
-                   about 1300 CHILD SAs out of its VICI answer), process start to file
-                   written
+  (1) ours:        the Debian package's /usr/bin/ipsec-textfile (debian/bin/ipsec-textfile)
+                   running the byte-compiled module, --output FILE, with the default
+                   backend (auto: VICI, or stroke where charon leaves an IKE SA with more
+                   than about 1300 CHILD SAs out of its VICI answer), process start to
+                   file written
   (4) ours, stroke: the same with --backend stroke
   (2) per tunnel:  a Python process running `ipsec status NAME` for every tunnel and
                    classifying each answer as the older exporters do
-  (3) floor:       a Python process importing ipsec_textfile and running one
-                   `ipsec statusall`, nothing else
-  (5) VICI floor:  a Python process importing ipsec_textfile and reading the raw answers
-                   to the VICI requests a run sends, nothing decoded
+  (3) floor:       a Python process importing ipsec_textfile and prometheus_client and
+                   running one `ipsec statusall`, nothing else
+  (5) VICI floor:  a Python process importing ipsec_textfile and prometheus_client and
+                   reading the raw answers to the VICI requests a run sends, nothing decoded
 
 and prints medians with their spread, (2)/(1), (1)/(3), (1)/(5), (1)/(4), the peak RSS
 of (1) and the size of the file it wrote.
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import py_compile
 import statistics
 import subprocess
 import sys
@@ -52,12 +54,12 @@ assert len(status) == len(names)
 """
 
 FLOOR = """\
-import subprocess, ipsec_textfile
+import subprocess, ipsec_textfile, prometheus_client
 subprocess.run(["ipsec", "statusall"], capture_output=True, timeout=60)
 """
 
 VICI_FLOOR = """\
-import socket, ipsec_textfile as it
+import socket, prometheus_client, ipsec_textfile as it
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.connect(it.DEFAULT_VICI_SOCKET)
 def exchange(*packets):
@@ -68,13 +70,13 @@ def exchange(*packets):
         length = int.from_bytes(sock.recv(4, socket.MSG_WAITALL), "big")
         answers.append(sock.recv(length, socket.MSG_WAITALL)[0])
     return answers
-exchange((0, "version", None))
-exchange((0, "stats", None))
-for command, event, message in [("list-sas", "list-sa", None), ("list-policies", "list-policy", {"trap": "yes"}),
-                                ("list-conns", "list-conn", None)]:
-    exchange((3, event, None))
-    exchange((0, command, message))
-    exchange((4, event, None))
+for _, command, event, message in [*it._VICI_QUESTIONS, ("", "list-certs", "list-cert", {"type": "ANY"})]:
+    if event is None:
+        exchange((0, command, message))
+    else:
+        exchange((3, event, None))
+        exchange((0, command, message))
+        exchange((4, event, None))
 """
 
 
@@ -92,13 +94,16 @@ def timed(command: list[str]) -> tuple[float, float]:
 def measure(tunnels: int, reps: int, per_tunnel_reps: int) -> dict[str, object]:
     """Inside the gateway: time the three methods, interleaved repetition by repetition."""
     names = [f"t{i}" for i in range(tunnels)]
+    # As the package installs it: the module byte-compiled, run by its launcher.
+    py_compile.compile(str(REPO / "ipsec_textfile.py"), doraise=True)
+    os.environ["PYTHONPATH"] = str(REPO)
+    launcher = [sys.executable, str(REPO / "debian" / "bin" / "ipsec-textfile")]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ipsec.prom"
         ours, rss, per_tunnel, floor, stroke, vici_floor = [], [], [], [], [], []
         for rep in range(reps):
-            stroke.append(timed([sys.executable, "ipsec_textfile.py", "--backend", "stroke",
-                                 "--output", str(out)])[0])
-            seconds, peak = timed([sys.executable, "ipsec_textfile.py", "--output", str(out)])
+            stroke.append(timed([*launcher, "--backend", "stroke", "--output", str(out)])[0])
+            seconds, peak = timed([*launcher, "--output", str(out)])
             ours.append(seconds)
             rss.append(peak)
             floor.append(timed([sys.executable, "-c", FLOOR])[0])

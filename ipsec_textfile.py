@@ -1765,7 +1765,10 @@ class ViciConnection:
             if remaining <= 0:
                 raise socket.timeout()
             self.sock.settimeout(remaining)
-            count = self.sock.recv_into(buffer[got:])
+            try:
+                count = self.sock.recv_into(buffer[got:])
+            except ConnectionResetError:  # closed with questions of ours unread: a hang-up too
+                count = 0
             if count == 0:
                 raise ViciError(f"VICI at {self.where} closed the connection in the middle of an answer")
             got += count

@@ -202,6 +202,29 @@ def test_one_deadline_covers_the_whole_conversation(tmp_path: Path) -> None:
     assert isinstance(error, it.DaemonError) and "did not answer within 1s" in str(error)
 
 
+def test_a_daemon_that_hangs_up_with_questions_unread_is_a_hang_up(tmp_path: Path) -> None:
+    # The questions go out at once; a daemon that reads one byte of them, starts an answer and
+    # closes leaves the rest unread, so the kernel resets the connection instead of ending it:
+    # the same failure as a plain hang-up, said the same way.
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "charon.vici"))
+    server.listen(1)
+
+    def hang_up() -> None:
+        client, _ = server.accept()
+        client.recv(1)
+        time.sleep(0.2)  # the rest of the questions arrive, unread
+        client.sendall(b"\x00\x00\x00\x64\x01")
+        client.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        with pytest.raises(it.DaemonError, match="closed the connection in the middle of an answer"):
+            it.ViciDaemon(str(tmp_path / "charon.vici"), timeout=10).ask()()
+    finally:
+        server.close()
+
+
 def test_ipsec_leases_gets_what_is_left_of_the_one_deadline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # charon answers over VICI after 3 s of a 4 s timeout, and `ipsec leases` (for ipsec.conf's
     # pools) hangs. It runs beside the VICI conversation and is killed at the run's deadline:

@@ -1755,6 +1755,7 @@ class ViciConnection:
         self.sock = sock
         self.where = where
         self.deadline = deadline
+        self.questions = bytearray()  # asked, not sent yet
 
     def _read(self, size: int) -> bytes:
         data = bytearray(size)
@@ -1791,9 +1792,14 @@ class ViciConnection:
             raise ViciError(f"VICI at {self.where} sent a packet of unknown type {kind}")
         return kind, name, packet[pos:]
 
-    def send(self, kind: int, name: str, message: ViciMessage | None = None) -> None:
+    def send(self) -> None:
+        """The questions asked so far, in one write."""
         self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
-        self.sock.sendall(vici_packet(kind, name, message))
+        try:
+            self.sock.sendall(self.questions)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon hung up: what it sent before, or nothing, is read as its answer
+        self.questions.clear()
 
     def decode(self, body: bytes, errors: str = "replace") -> ViciMessage:
         try:
@@ -1802,14 +1808,15 @@ class ViciConnection:
             raise ViciError(f"VICI at {self.where} sent a malformed message: {e}") from None
 
     def ask(self, command: str, event: str | None = None, message: ViciMessage | None = None) -> None:
-        """Send a command; for one that answers with an event per item (list-sas: one per IKE
-        SA), register for its event before and unregister after. charon answers a connection's
-        packets in the order they came (since 5.2), so every question can be sent at once."""
+        """Ask a command (sent by send()); for one that answers with an event per item
+        (list-sas: one per IKE SA), register for its event before and unregister after.
+        charon answers a connection's packets in the order they came (since 5.2), so every
+        question can be sent at once."""
         if event is not None:
-            self.send(_VICI_EVENT_REGISTER, event)
-        self.send(_VICI_CMD_REQUEST, command, message)
+            self.questions += vici_packet(_VICI_EVENT_REGISTER, event)
+        self.questions += vici_packet(_VICI_CMD_REQUEST, command, message)
         if event is not None:
-            self.send(_VICI_EVENT_UNREGISTER, event)
+            self.questions += vici_packet(_VICI_EVENT_UNREGISTER, event)
 
     def response(self, command: str) -> ViciMessage:
         """The answer to a command asked without an event."""
@@ -1907,6 +1914,7 @@ class ViciDaemon:
             for _, command, event, message in _VICI_QUESTIONS:
                 vici.ask(command, event, message)
             vici.ask("list-certs", "list-cert", {"type": "ANY"})
+            vici.send()
 
         def read_answers() -> dict[str, Any]:
             with self._conversation(sock, closing=True):

@@ -202,19 +202,22 @@ def test_one_deadline_covers_the_whole_conversation(tmp_path: Path) -> None:
     assert isinstance(error, it.DaemonError) and "did not answer within 1s" in str(error)
 
 
-def test_a_daemon_that_hangs_up_with_questions_unread_is_a_hang_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reads_first", [True, False])
+def test_a_daemon_that_hangs_up_with_questions_unread_is_a_hang_up(tmp_path: Path, reads_first: bool) -> None:
     # The questions go out at once; a daemon that reads one byte of them, starts an answer and
-    # closes leaves the rest unread, so the kernel resets the connection instead of ending it:
-    # the same failure as a plain hang-up, said the same way.
+    # closes leaves the rest unread, so the kernel resets the connection instead of ending it;
+    # one that hangs up at once may do so before the questions are written (a broken pipe).
+    # The same failure as a plain hang-up, said the same way.
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(tmp_path / "charon.vici"))
     server.listen(1)
 
     def hang_up() -> None:
         client, _ = server.accept()
-        client.recv(1)
-        time.sleep(0.2)  # the rest of the questions arrive, unread
-        client.sendall(b"\x00\x00\x00\x64\x01")
+        if reads_first:
+            client.recv(1)
+            time.sleep(0.2)  # the rest of the questions arrive, unread
+            client.sendall(b"\x00\x00\x00\x64\x01")
         client.close()
 
     threading.Thread(target=hang_up, daemon=True).start()
